@@ -1,0 +1,36 @@
+"""deltatune: parameter-efficient fine-tuning with HF PEFT's API and checkpoint format."""
+
+from deltatune.checkpoint import CheckpointError
+from deltatune.config import ConfigError, PeftConfig, PeftType, TaskType
+from deltatune.engine import TargetModuleError
+from deltatune.methods import LoraConfig
+from deltatune.peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TargetModuleError",
+    "TaskType",
+    "get_peft_model",
+]

@@ -1,0 +1,192 @@
+"""Adapter checkpoints in HF PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+A tensor's key is ``base_model.model.<module path>.<name>`` where ``<name>`` is the adapter layer's
+own name for it with the adapter name left out (``lora_A.weight``, ``lora_magnitude_vector``); a
+trained copy of a module (``modules_to_save``) and a trained base bias are saved under the module's
+own path. Each layer reports its tensors in that form (:meth:`AdapterLayer.adapter_state_dict`), so
+this module knows no method.
+
+Files are written atomically (a temporary file in the same directory, flushed, then renamed), so a
+crash never leaves a half-written checkpoint. Only safetensors is read unless the caller opts into
+pickle-based ``.bin`` files, which can run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltatune import engine
+from deltatune.config import UNSAFE_WEIGHTS_NAME, WEIGHTS_NAME
+from deltatune.modules_to_save import ModulesToSaveWrapper
+
+PREFIX = "base_model.model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not fit the model; the message names which."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a safetensors file atomically, with PEFT's ``{"format": "pt"}`` metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # safetensors refuses shared or strided storage: give each tensor its own contiguous copy.
+        plain = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
+        save_file(plain, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read an adapter's tensors from ``directory``; errors name the file and the fix."""
+    directory = Path(directory)
+    safe = directory / WEIGHTS_NAME
+    if safe.is_file():
+        try:
+            return load_file(str(safe), device="cpu")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{safe} is corrupt or truncated and cannot be read ({err})") from err
+    unsafe = directory / UNSAFE_WEIGHTS_NAME
+    if unsafe.is_file():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{directory} holds only {UNSAFE_WEIGHTS_NAME}, a pickle file that can run code when loaded. "
+                "If you trust its source, pass allow_pickle=True; better, convert it to safetensors"
+            )
+        try:
+            state = torch.load(unsafe, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a bad pickle
+            raise CheckpointError(f"{unsafe} is corrupt or not a tensor dict ({err})") from err
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{unsafe} holds a {type(state).__name__}, not a dict of tensors")
+        return state
+    raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}: is this an adapter directory?")
+
+
+def trained_base_parameters(model: nn.Module, bias: str, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Base-model biases an adapter trains (``bias="all"`` or ``"lora_only"``), by parameter path."""
+    if bias == "none":
+        return {}
+    layers = engine.adapter_layers(model)
+    # A ModulesToSaveWrapper's copies are saved whole; its original module stays as it was.
+    frozen_originals = {
+        id(p) for _, layer in layers if isinstance(layer, ModulesToSaveWrapper) for p in layer.base_layer.parameters()
+    }
+    adapter_params = {
+        id(p) for _, layer in layers for name in layer.adapter_names for p in layer.adapter_parameters(name)
+    }
+    if bias == "all":
+        return {
+            name: p
+            for name, p in model.named_parameters()
+            if name.rsplit(".", 1)[-1] == "bias" and id(p) not in adapter_params and id(p) not in frozen_originals
+        }
+    found: dict[str, nn.Parameter] = {}
+    for path, layer in layers:
+        if isinstance(layer, ModulesToSaveWrapper):
+            continue
+        if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None:
+            found[f"{path}.base_layer.bias"] = layer.base_layer.bias
+    return found
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s tensors under their HF PEFT checkpoint keys."""
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in engine.adapter_layers(model):
+        for key, tensor in layer.adapter_state_dict(adapter_name).items():
+            state[f"{PREFIX}{path}.{key}"] = tensor
+    for name, param in trained_base_parameters(model, bias, adapter_name).items():
+        state[PREFIX + name] = param.detach()
+    return state
+
+
+def load_adapter_state_dict(model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a checkpoint's tensors into adapter ``adapter_name``, which must already be attached.
+
+    Every adapter tensor the model expects must be in the checkpoint with the same shape, and every
+    checkpoint tensor must have a place in the model; otherwise the error names the first key that
+    differs and both shapes, which is what a checkpoint for another base model looks like.
+    """
+    layers = {path: layer for path, layer in engine.adapter_layers(model) if adapter_name in layer.adapter_names}
+    grouped: dict[str, dict[str, torch.Tensor]] = {path: {} for path in layers}
+    base_tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not key.startswith(PREFIX):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} does not start with {PREFIX!r}; this is not a PEFT-format adapter"
+            )
+        rest = key[len(PREFIX) :]
+        owner = _owning_layer(rest, layers)
+        local = rest[len(owner) + 1 :] if owner is not None else None
+        if owner is None or local.startswith("base_layer."):
+            base_tensors[rest] = tensor  # a trained bias, or a resized embedding saved whole
+        else:
+            grouped[owner][local] = tensor
+    try:
+        for path, layer in layers.items():
+            layer.load_adapter_state_dict(adapter_name, grouped[path], where=PREFIX + path)
+    except (KeyError, ValueError) as err:
+        message = err.args[0] if err.args else str(err)
+        raise CheckpointError(f"{source}: {message}") from err
+    for rest, tensor in base_tensors.items():
+        _load_base_tensor(model, rest, tensor, source)
+
+
+def _owning_layer(rest: str, layers: dict[str, nn.Module]) -> str | None:
+    """The longest adapter-layer path that ``rest`` lies inside."""
+    path = rest
+    while "." in path:
+        path = path.rsplit(".", 1)[0]
+        if path in layers:
+            return path
+    return None
+
+
+def _load_base_tensor(model: nn.Module, name: str, tensor: torch.Tensor, source: str) -> None:
+    try:
+        target = model.get_parameter(name)
+    except AttributeError:
+        try:
+            target = model.get_buffer(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{source}: tensor {PREFIX}{name} matches no module of this model; the adapter was saved "
+                f"for a different base model (or with target modules this config does not list)"
+            ) from None
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise CheckpointError(
+            f"{source}: shape mismatch for {PREFIX}{name}: checkpoint has {tuple(tensor.shape)}, the model "
+            f"has {tuple(target.shape)}; the adapter was saved for a different base model (or a resized vocabulary)"
+        )
+    with torch.no_grad():
+        target.copy_(tensor.to(dtype=target.dtype, device=target.device))

@@ -1,0 +1,184 @@
+"""Adapter configurations and their JSON form.
+
+Every method's config is a dataclass derived from :class:`PeftConfig`. Field names and meanings are
+HF PEFT's, so an ``adapter_config.json`` written by either library is read by the other. Writing
+follows one rule: older PEFT releases reject fields they do not know, so a config writes the fields
+PEFT always needs (:attr:`PeftConfig.always_written`) plus every field whose value differs from its
+default. Reading ignores fields we do not know, with a warning, because newer PEFT releases keep
+adding fields that do not change what the saved tensors mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+logger = logging.getLogger("deltatune")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+UNSAFE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+class PeftType(enum.StrEnum):
+    """The method an adapter implements; the value is what ``adapter_config.json`` stores."""
+
+    LORA = "LORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    BOTTLENECK = "BOTTLENECK"
+
+
+class TaskType(enum.StrEnum):
+    """What the base model is used for; decides e.g. which head is trained along with the adapter."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+# Output heads that PEFT trains fully (and saves with the adapter) for each task type.
+TASK_HEADS: dict[str, list[str]] = {
+    TaskType.SEQ_CLS.value: ["classifier", "score"],
+    TaskType.TOKEN_CLS.value: ["classifier", "score"],
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
+
+
+# HF PEFT fields that say nothing about what the saved tensors mean (bookkeeping, defaults of
+# features that are off); reading a PEFT config skips them without a warning.
+PEFT_BOOKKEEPING_FIELDS = frozenset(
+    {"peft_version", "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size", "ensure_weight_tying"}
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a valid adapter; the message says which field and why."""
+
+
+@dataclasses.dataclass
+class PeftConfig:
+    """Fields shared by every method.
+
+    Args:
+        peft_type: set by each subclass; stored in the JSON so a loader knows the method.
+        task_type: optional :class:`TaskType`; ``SEQ_CLS`` etc. add the task head to ``modules_to_save``.
+        base_model_name_or_path: recorded on save so a user (and ``deltatune inspect``) knows the base.
+        revision: the base model's revision, recorded for the same reason.
+        inference_mode: True for adapters loaded for inference (their parameters are frozen).
+    """
+
+    peft_type: PeftType | str | None = None
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    # Fields written even when they hold the default: PEFT or downstream tools (vLLM) read them.
+    always_written: ClassVar[tuple[str, ...]] = (
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+    )
+
+    def __post_init__(self) -> None:
+        if self.peft_type is not None:
+            self.peft_type = PeftType(str(self.peft_type))
+        if self.task_type is not None:
+            try:
+                self.task_type = TaskType(str(self.task_type))
+            except ValueError:
+                choices = ", ".join(t.value for t in TaskType)
+                raise ConfigError(f"unknown task_type {self.task_type!r}; choose one of {choices}") from None
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for methods that change the model's inputs rather than its layers."""
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict: the always-written fields plus every non-default field."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            default = (
+                field.default
+                if field.default is not dataclasses.MISSING
+                else field.default_factory()  # type: ignore[misc]
+                if field.default_factory is not dataclasses.MISSING
+                else dataclasses.MISSING
+            )
+            if field.name in self.always_written or value != default:
+                out[field.name] = _jsonable(value)
+        return out
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``adapter_config.json`` (sorted keys, indent 2, as PEFT) atomically into ``directory``."""
+        from deltatune.checkpoint import atomic_write_bytes
+
+        path = Path(directory) / CONFIG_NAME
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(path, text.encode("utf-8"))
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> PeftConfig:
+        """Build the right config class from a dict, dispatching on ``peft_type``.
+
+        Unknown fields are dropped with one warning naming them: they come from newer PEFT releases.
+        """
+        if cls is PeftConfig:
+            peft_type = data.get("peft_type")
+            if peft_type is None:
+                raise ConfigError(f"{source}: no 'peft_type' field, so the adapter's method is unknown")
+            from deltatune.registry import get_method
+
+            return get_method(peft_type).config_class.from_dict(data, source=source)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(
+            k
+            for k, v in data.items()
+            if k not in known and k not in PEFT_BOOKKEEPING_FIELDS and v not in (None, {}, [], False)
+        )
+        if unknown:
+            logger.warning("%s: ignoring fields deltatune does not know: %s", source, ", ".join(unknown))
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{source}: invalid adapter config: {err}") from err
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> PeftConfig:
+        """Read ``adapter_config.json`` from ``directory``."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); the file is corrupt") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -1,0 +1,259 @@
+"""Finding the modules an adapter attaches to, and wrapping or unwrapping them.
+
+Matching follows HF PEFT's rules so that a config means the same in both libraries:
+
+* ``target_modules`` as a string is a regular expression that must match a module's full path;
+* as a list, an entry matches a path equal to it or ending in ``"." + entry``;
+* ``"all-linear"`` means every linear layer except the model's output layer (LM head);
+* ``layers_to_transform`` keeps only modules inside the listed layer indices, the index being the
+  number after ``layers_pattern`` (or, without one, the first ``<name>.<number>.`` in the path);
+* ``exclude_modules`` removes matches, with the same string/list rule.
+
+Nothing here knows a model by name: the rules read module paths and types only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+
+from deltatune.adapter_layer import AdapterLayer
+
+logger = logging.getLogger("deltatune")
+
+# Attention projections LoRA adapts when the user names none (query and value, as in Hu et al.
+# 2021). These are naming conventions shared by many architectures, not per-model code.
+DEFAULT_TARGET_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),
+    ("query", "value"),
+    ("c_attn",),
+    ("q", "v"),
+    ("qkv_proj",),
+    ("query_key_value",),
+    ("Wqkv",),
+)
+
+
+class TargetModuleError(ValueError):
+    """The config names modules that the model does not have, or that the method cannot wrap."""
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """Module types that behave as linear layers: ``nn.Linear`` and transformers' GPT-2 ``Conv1D``."""
+    types: list[type[nn.Module]] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # the core works on plain torch models
+        pass
+    return tuple(types)
+
+
+def _matches(key: str, spec: str | Sequence[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return any(key == entry or key.endswith("." + entry) for entry in spec)
+
+
+def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The transformer-block index in a module path (``model.layers.3.mlp`` -> 3), or None."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", "." + key)
+        return int(found.group(1)) if found else None
+    for pattern in patterns:
+        found = re.match(rf"(?:.*\.)?{re.escape(pattern)}\.(\d+)\.", key)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Paths of the model's output projection (LM head), which ``all-linear`` leaves alone."""
+    names: set[str] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None:
+        for name, module in model.named_modules():
+            if module is head:
+                names.add(name)
+    return names
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None,
+    *,
+    wrappable: tuple[type[nn.Module], ...],
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    skip: Iterable[str] = (),
+    method: str = "this method",
+) -> list[str]:
+    """Paths of the modules to wrap, in model order; raises :class:`TargetModuleError` if none.
+
+    Modules already wrapped by an :class:`AdapterLayer` are matched by their own path (the wrapper
+    replaced them), and their inner ``base_layer`` is never matched again.
+    """
+    skip = set(skip)
+    named = visible_modules(model)
+    if target_modules is None:
+        target_modules = default_target_modules(named, wrappable)
+    all_linear = isinstance(target_modules, str) and target_modules.lower() in ("all-linear", "all_linear")
+    if all_linear:
+        skip |= output_layer_names(model)
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
+
+    found: list[str] = []
+    wrong_type: list[tuple[str, nn.Module]] = []
+    for name, module in named:
+        if name in skip or any(name.startswith(s + ".") for s in skip):
+            continue
+        inner = module.base_layer if isinstance(module, AdapterLayer) else module
+        if all_linear:
+            hit = isinstance(inner, linear_types())
+        else:
+            hit = _matches(name, target_modules)
+        if not hit:
+            continue
+        if exclude_modules is not None and _matches(name, exclude_modules):
+            continue
+        if layers_to_transform is not None:
+            index = layer_index(name, layers_pattern)
+            if index is None or index not in layers_to_transform:
+                continue
+        if isinstance(inner, wrappable):
+            found.append(name)
+        else:
+            wrong_type.append((name, inner))
+
+    if not all_linear and not isinstance(target_modules, str):
+        _warn_unmatched(named, target_modules, found + [n for n, _ in wrong_type])
+    if found:
+        return found
+    if wrong_type:
+        name, module = wrong_type[0]
+        children = [f"{name}.{child}" for child, sub in module.named_modules() if child and isinstance(sub, wrappable)]
+        hint = f"; its wrappable submodules are: {', '.join(children[:8])}" if children else ""
+        kinds = ", ".join(t.__name__ for t in wrappable)
+        raise TargetModuleError(
+            f"target module {name!r} is a {type(module).__name__}, but {method} wraps only {kinds}{hint}"
+        )
+    raise TargetModuleError(_no_match_message(named, target_modules, layers_to_transform, method))
+
+
+def default_target_modules(named: Sequence[tuple[str, nn.Module]], wrappable: tuple[type[nn.Module], ...]) -> list[str]:
+    """The first group of conventional attention-projection names present in the model."""
+    leaves = {name.rsplit(".", 1)[-1] for name, module in named if isinstance(module, wrappable)}
+    for group in DEFAULT_TARGET_CANDIDATES:
+        if all(entry in leaves for entry in group):
+            return list(group)
+    raise TargetModuleError(
+        "target_modules was not given and no conventional attention projection names were found; "
+        f"name them explicitly, e.g. target_modules=['...'] from: {', '.join(sorted(leaves)[:20])}"
+    )
+
+
+def visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules, skipping everything inside an :class:`AdapterLayer` (its base and adapters)."""
+    visible: list[tuple[str, nn.Module]] = []
+    wrapper_prefix = None
+    for name, module in model.named_modules():  # pre-order: a wrapper's insides follow it
+        if not name or (wrapper_prefix is not None and name.startswith(wrapper_prefix)):
+            continue
+        visible.append((name, module))
+        wrapper_prefix = name + "." if isinstance(module, AdapterLayer) else None
+    return visible
+
+
+def _leaf_names(named: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    leaves: list[str] = []
+    for name, _ in named:
+        leaf = name.rsplit(".", 1)[-1]
+        if not leaf.isdigit() and leaf not in leaves:
+            leaves.append(leaf)
+    return leaves
+
+
+def _warn_unmatched(named: Sequence[tuple[str, nn.Module]], spec: Sequence[str], found: list[str]) -> None:
+    leaves = _leaf_names(named)
+    for entry in spec:
+        if not any(name == entry or name.endswith("." + entry) for name in found):
+            close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.5)
+            hint = f" (closest module names: {', '.join(close)})" if close else ""
+            logger.warning("target module %r matched no module of the model%s", entry, hint)
+
+
+def _no_match_message(
+    named: Sequence[tuple[str, nn.Module]],
+    spec: str | Sequence[str],
+    layers_to_transform: Sequence[int] | None,
+    method: str,
+) -> str:
+    leaves = _leaf_names(named)
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    close: list[str] = []
+    for entry in entries:
+        for match in difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.4):
+            if match not in close:
+                close.append(match)
+    where = f" within layers {list(layers_to_transform)}" if layers_to_transform is not None else ""
+    message = f"target_modules {spec!r} matched no module of the model{where} for {method}."
+    if close:
+        message += f" Closest module names: {', '.join(close)}."
+    message += f" Module names in this model: {', '.join(leaves[:30])}"
+    return message
+
+
+def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, child = get_parent(model, path)
+    setattr(parent, child, new)
+
+
+def wrap_targets(
+    model: nn.Module,
+    paths: Sequence[str],
+    layer_class: type[AdapterLayer],
+    add: Callable[[AdapterLayer, str], None],
+) -> None:
+    """Ensure each path holds a ``layer_class`` wrapper (reusing one already there), then ``add`` to it."""
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, layer_class):
+            if isinstance(module, AdapterLayer):
+                raise TargetModuleError(
+                    f"{path} is already wrapped by {module.method_name}; one module takes one layer method"
+                )
+            module = layer_class(module)
+            replace_module(model, path, module)
+        add(module, path)
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every wrapper in the model with its path, outermost first."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
+
+
+def remove_empty_wrappers(model: nn.Module) -> None:
+    """Put the base module back wherever a wrapper has no adapter left."""
+    for path, layer in reversed(adapter_layers(model)):
+        if not layer.adapter_names:
+            replace_module(model, path, layer.base_layer)
+
+
+def unwrap_all(model: nn.Module) -> None:
+    """Replace every wrapper by the module it should leave behind (see :meth:`AdapterLayer.unwrap`)."""
+    for path, layer in reversed(adapter_layers(model)):
+        replace_module(model, path, layer.unwrap())

@@ -1,0 +1,435 @@
+r"""LoRA (Hu et al. 2021) with rsLoRA, DoRA and PiSSA: config, layers and injection rule.
+
+A frozen weight :math:`W \in \mathbb{R}^{d_{out} \times d_{in}}` gets a trained low-rank update
+
+.. math::  h = W x + s \, B A x, \qquad A \in \mathbb{R}^{r \times d_{in}},\; B \in \mathbb{R}^{d_{out} \times r}
+
+with :math:`s = \alpha / r`, or :math:`s = \alpha / \sqrt{r}` for rsLoRA (Kalajdzievski 2023), which
+keeps the update's scale stable as the rank grows. ``B = 0`` at initialisation, so training starts
+from the base model exactly.
+
+DoRA (Liu et al. 2024) splits the adapted weight into a direction and a trained magnitude
+:math:`m \in \mathbb{R}^{d_{out}}` (initialised to the row norms of :math:`W`):
+
+.. math::  W' = m \odot \frac{W + s B A}{\lVert W + s B A \rVert_{row}}
+
+The norm is treated as a constant in the backward pass (the paper's section 4.3), which saves the
+memory of differentiating through it. In the forward pass, with ``k = m / ||W + sBA||``,
+:math:`W' x = W x + (k - 1) \odot W x + k \odot s B A x`, so the base layer's output is reused.
+
+PiSSA (Meng et al. 2024) initialises ``A`` and ``B`` from the top-r singular triplets of ``W``
+(:math:`s B A = U_r S_r V_r^\top`) and leaves the residual :math:`W - s B A` in the base layer, so the
+adapter trains the principal directions. ``"pissa_niter_K"`` uses a K-iteration randomised SVD.
+
+Merging folds :math:`s B A` (or DoRA's :math:`W'`) into the base weight, so inference costs nothing
+extra; unmerging subtracts it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune import engine
+from deltatune.adapter_layer import AdapterLayer
+from deltatune.config import ConfigError, PeftConfig, PeftType
+from deltatune.registry import Method, register_method
+
+
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    """LoRA and its variants. Field names and defaults are HF PEFT's.
+
+    Args:
+        r: rank of the update.
+        lora_alpha: numerator of the scale ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input; 0 skips the dropout entirely.
+        target_modules: module names (list: exact path or path suffix), a regex on the full path
+            (string), or ``"all-linear"``. None picks the attention query/value projections.
+        exclude_modules: modules to leave alone, same matching rule.
+        fan_in_fan_out: the base weight is stored (in, out), as GPT-2's ``Conv1D`` does.
+        bias: ``"none"``, ``"all"`` (train every bias of the model) or ``"lora_only"`` (biases of
+            adapted layers). Trained biases are saved with the adapter.
+        use_rslora: scale by ``lora_alpha / sqrt(r)``.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a task head).
+        init_lora_weights: True (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)),
+            False (both random: the adapter changes outputs from the start; for tests),
+            ``"pissa"`` or ``"pissa_niter_K"``.
+        layers_to_transform, layers_pattern: restrict to these layer indices.
+        rank_pattern, alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are regexes
+            matched against the end of the module path.
+        use_dora: weight-decomposed LoRA.
+        lora_bias: give ``B`` a trained bias.
+    """
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    always_written: ClassVar[tuple[str, ...]] = PeftConfig.always_written + (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "bias",
+        "fan_in_fan_out",
+        "init_lora_weights",
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+    )
+
+    def __post_init__(self) -> None:
+        if self.peft_type is None:
+            self.peft_type = PeftType.LORA
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if any(not isinstance(v, int) or v <= 0 for v in self.rank_pattern.values()):
+            raise ConfigError(f"rank_pattern values must be positive integers, got {self.rank_pattern}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if not (
+            isinstance(init, bool)
+            or init in ("gaussian", "pissa")
+            or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))
+        ):
+            raise ConfigError(
+                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa' "
+                "or 'pissa_niter_<K>'"
+            )
+        if self.use_dora and self.lora_bias:
+            raise ConfigError("lora_bias=True cannot be combined with DoRA (its magnitude would rescale the bias)")
+        if self.use_dora and str(init).startswith("pissa"):
+            raise ConfigError("PiSSA initialisation with DoRA is not defined; choose one of them")
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """``r`` and ``lora_alpha`` for one module, after ``rank_pattern`` / ``alpha_pattern``."""
+        return (
+            _pattern_value(self.rank_pattern, module_path, self.r),
+            _pattern_value(self.alpha_pattern, module_path, self.lora_alpha),
+        )
+
+
+def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module_path):
+            return value
+    return default
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraLinear(AdapterLayer):
+    """LoRA around an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored transposed)."""
+
+    containers = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores (in, out)
+        weight = base_layer.weight
+        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        # DoRA's row norms at merge time, needed to unmerge exactly.
+        self._merged_dora_norms: dict[str, torch.Tensor] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
+        assert isinstance(config, LoraConfig)
+        r, alpha = config.rank_and_alpha(module_path)
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": _adapter_dtype(weight.dtype)}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.scaling[name] = lora_scale(alpha, r, config.use_rslora)
+        self._init_weights(name, config.init_lora_weights)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = self._row_norm(self._weight(), self._delta(name))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(factory["dtype"]))
+
+    def _init_weights(self, name: str, init: bool | str) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            if B.bias is not None:
+                B.bias.zero_()
+            if init is False:
+                return  # nn.Linear's own random init for both: a non-zero update (useful in tests)
+            if init == "gaussian":
+                nn.init.normal_(A.weight, std=1.0 / A.out_features)
+            elif isinstance(init, str) and init.startswith("pissa"):
+                self._pissa_init(name, init)
+                return
+            else:
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+
+    def _pissa_init(self, name: str, init: str) -> None:
+        A, B, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        r = A.out_features
+        weight = self._weight().float()
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:
+            niter = int(init.rsplit("_", 1)[-1])
+            U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
+            Vh = V.T
+        root = torch.sqrt(S / scale)
+        A.weight.copy_((root[:, None] * Vh).to(A.weight.dtype))
+        B.weight.copy_((U * root[None, :]).to(B.weight.dtype))
+        residual = weight - scale * (B.weight.float() @ A.weight.float())
+        self._set_weight(residual)
+
+    # -- weights in (out, in) orientation -------------------------------------------------------
+    def _weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        target = self.base_layer.weight
+        with torch.no_grad():
+            target.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
+
+    def _delta(self, name: str) -> torch.Tensor:
+        """``s * B @ A`` in (out, in) orientation."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    @staticmethod
+    def _row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight.to(delta.dtype) + delta, dim=1)
+
+    def _full_delta(self, name: str) -> torch.Tensor:
+        """What adapter ``name`` adds to the base weight, in (out, in) orientation (DoRA included)."""
+        delta = self._delta(name)
+        if name in self.lora_magnitude_vector:
+            weight = self._weight().to(delta.dtype)
+            k = self.lora_magnitude_vector[name] / self._row_norm(weight, delta)
+            delta = k[:, None] * (weight + delta) - weight
+        return delta
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """The change adapter ``name`` makes to the base weight, in the base weight's layout."""
+        delta = self._full_delta(name)
+        return delta.T if self.fan_in_fan_out else delta
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.routed_adapters():
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(A.weight.dtype))
+            scale = self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora_update(name, x, h, result).to(result.dtype)
+            else:
+                update = F.linear(A(h) * scale, B.weight)
+                if B.bias is not None:
+                    update = update + B.bias * scale
+                result = result + update.to(result.dtype)
+        return result
+
+    def _dora_update(self, name: str, x: torch.Tensor, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        A, B, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        weight = self._weight().to(A.weight.dtype)
+        with torch.no_grad():  # the norm is a constant for the backward pass (DoRA, section 4.3)
+            norm = self._row_norm(weight, self._delta(name))
+        k = self.lora_magnitude_vector[name] / norm
+        if h is x or isinstance(self.lora_dropout[name], nn.Identity):
+            base_out = result.to(A.weight.dtype)
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base_out = base_out - bias.to(base_out.dtype)
+        else:
+            base_out = F.linear(h, weight)
+        return (k - 1) * base_out + k * B(A(h) * scale)
+
+    # -- merging --------------------------------------------------------------------------------
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        for name in names:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            weight = self._weight()
+            if name in self.lora_magnitude_vector:
+                norm = self._row_norm(weight, self._delta(name)).detach()
+                self._merged_dora_norms[name] = norm
+            new_weight = weight + self._full_delta(name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+            self._set_weight(new_weight.detach())
+            self._merge_bias(name, +1)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self._weight()
+            delta = self._delta(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:
+                norm = self._merged_dora_norms.pop(name)
+                k = (self.lora_magnitude_vector[name] / norm).to(weight.dtype)
+                original = weight / k[:, None] - delta
+            else:
+                original = weight - delta
+            self._set_weight(original.detach())
+            self._merge_bias(name, -1)
+
+    def _merge_bias(self, name: str, sign: int) -> None:
+        lora_bias = self.lora_B[name].bias
+        if lora_bias is None:
+            return
+        base = self.base_layer
+        if base.bias is None:
+            base.bias = nn.Parameter(base.weight.new_zeros(self.out_features), requires_grad=False)
+        with torch.no_grad():
+            base.bias.add_(sign * self.scaling[name] * lora_bias.to(base.bias.dtype))
+
+
+class LoraEmbedding(AdapterLayer):
+    r"""LoRA around an ``nn.Embedding``: :math:`E' = E + s (B A)^\top`, looked up row by row.
+
+    ``lora_embedding_A`` is (r, vocab) and ``lora_embedding_B`` is (dim, r), as in HF PEFT; ``A``
+    starts at zero (not ``B``), because the lookup reads ``A``'s columns.
+    """
+
+    containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
+        assert isinstance(config, LoraConfig)
+        if config.use_dora:
+            raise ConfigError(
+                f"DoRA is implemented for linear layers; {module_path} is an embedding. "
+                "Exclude it (exclude_modules) or train it with plain LoRA in a second adapter"
+            )
+        r, alpha = config.rank_and_alpha(module_path)
+        weight = self.base_layer.weight
+        vocab, dim = weight.shape
+        factory = {"device": weight.device, "dtype": _adapter_dtype(weight.dtype)}
+        A = torch.empty(r, vocab, **factory)
+        B = torch.empty(dim, r, **factory)
+        init = config.init_lora_weights
+        if init is False:
+            nn.init.normal_(A)
+            nn.init.normal_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+            nn.init.zeros_(B)
+        elif init is True:
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        else:
+            raise ConfigError(f"init_lora_weights={init!r} is not available for embedding layers ({module_path})")
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+        self.scaling[name] = lora_scale(alpha, r, config.use_rslora)
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(
+            ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(ids, *args, **kwargs)
+        for name in self.routed_adapters():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            result = result + (self._lookup(ids, A.T) @ (B.T * self.scaling[name])).to(result.dtype)
+        return result
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters or name not in self.lora_embedding_A:
+                continue
+            new_weight = weight + self.get_delta_weight(name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+            with torch.no_grad():
+                weight.copy_(new_weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.sub_(self.get_delta_weight(name).to(weight.dtype))
+
+
+def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters train in float32 even on a half-precision base (small tensors, stable updates)."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def attach_lora(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
+    """Wrap every target module of ``model`` with LoRA adapter ``adapter_name``; return their paths."""
+    assert isinstance(config, LoraConfig)
+    linear = engine.linear_types()
+    paths = engine.find_targets(
+        model,
+        config.target_modules,
+        wrappable=linear + (nn.Embedding,),
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        skip=config.modules_to_save or (),
+        method="LoRA",
+    )
+    if isinstance(config.target_modules, str) and config.target_modules.lower() in ("all-linear", "all_linear"):
+        # Saved configs name the modules, so tools that do not know "all-linear" (vLLM) can read them.
+        config.target_modules = sorted({path.rsplit(".", 1)[-1] for path in paths})
+    for path in paths:
+        module = model.get_submodule(path)
+        inner = module.base_layer if isinstance(module, AdapterLayer) else module
+        layer_class = LoraEmbedding if isinstance(inner, nn.Embedding) else LoraLinear
+        engine.wrap_targets(model, [path], layer_class, lambda layer, p: layer.add_adapter(adapter_name, config, p))
+    return paths
+
+
+LORA = register_method(Method(peft_type=PeftType.LORA, config_class=LoraConfig, attach=attach_lora))

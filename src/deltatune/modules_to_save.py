@@ -1,0 +1,76 @@
+"""Modules trained in full and saved with an adapter (``modules_to_save``), e.g. a classifier head.
+
+Each adapter gets its own trainable copy of the module; the original stays untouched so that
+disabling the adapter, or switching to another, restores it. A copy's tensors are saved under the
+original module's path (``base_model.model.score.weight``), as HF PEFT does.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from deltatune.adapter_layer import AdapterLayer
+from deltatune.config import PeftConfig
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """``base_layer`` is the original module; ``modules_to_save[name]`` is adapter ``name``'s copy."""
+
+    containers = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
+        replica = copy.deepcopy(self.base_layer)
+        replica.requires_grad_(True)
+        self.modules_to_save[name] = replica
+
+    def checkpoint_key(self, container: str, key: str) -> str:
+        return key
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+        # HF PEFT with bias="all" also saves "<path>.modules_to_save.bias" and "<path>.original_module.bias".
+        own: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            if key.startswith("original_module."):
+                continue  # the frozen original: it is the base model's, unchanged by training
+            own[key.removeprefix("modules_to_save.")] = tensor
+        super().load_adapter_state_dict(name, own, where)
+
+    def forward(self, *args, **kwargs):
+        routed = self.routed_adapters()
+        if not routed:
+            return self.base_layer(*args, **kwargs)
+        # A replaced module cannot be summed like a low-rank update: the last active copy wins.
+        return self.modules_to_save[routed[-1]](*args, **kwargs)
+
+    def routed_adapters(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [a for a in self.active_adapters if a in self.modules_to_save]
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """Merging means the copy becomes the module: done in :meth:`unwrap`."""
+        self.merged_adapters = list(names)
+
+    def unmerge(self) -> None:
+        self.merged_adapters = []
+
+    def unwrap(self) -> nn.Module:
+        chosen = [a for a in self.merged_adapters if a in self.modules_to_save]
+        return self.modules_to_save[chosen[-1]] if chosen else self.base_layer
+
+    def __getattr__(self, name: str):
+        # Code outside the model (e.g. transformers' weight tying or `model.score.weight`) reaches
+        # into the wrapped module's attributes; forward them to the module currently in use.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            routed = self.routed_adapters() if "modules_to_save" in self._modules else []
+            target = self._modules["modules_to_save"][routed[-1]] if routed else self._modules["base_layer"]
+            return getattr(target, name)

@@ -1,0 +1,428 @@
+"""PeftModel: a frozen base model with named adapters, HF PEFT's API.
+
+``PeftModel.base_model.model`` is the user's model with adapter layers injected, as in HF PEFT, so
+parameter paths (``base_model.model.model.layers.0...``) and checkpoint keys agree with PEFT's. The
+class keeps the adapter registry (``peft_config``) and the routing state (which adapters are
+active, disabled or merged), and pushes that state into every adapter layer. It knows no method by
+name: methods come from :mod:`deltatune.registry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from deltatune import checkpoint, engine
+from deltatune.adapter_layer import AdapterLayer
+from deltatune.config import TASK_HEADS, ConfigError, PeftConfig
+from deltatune.modules_to_save import ModulesToSaveWrapper
+from deltatune.registry import get_method
+
+logger = logging.getLogger("deltatune")
+
+BASE_ROW = "__base__"
+
+
+class AdapterHost(nn.Module):
+    """Holds the adapted model as ``.model`` (PEFT's ``LoraModel`` role, for every method)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A base model plus adapters. Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
+
+    Args:
+        model: any ``nn.Module`` (a ``transformers`` model or a plain torch model). Its parameters
+            are frozen; only adapter parameters (and any ``modules_to_save``) train.
+        peft_config: the first adapter's config.
+        adapter_name: the first adapter's name; it becomes the active adapter.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = AdapterHost(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # -- attribute access like the wrapped model --------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with adapter layers injected)."""
+        return self.base_model.model
+
+    @property
+    def _model(self) -> nn.Module:
+        return self.base_model.model
+
+    # -- the adapter registry -------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active, as in PEFT)."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self._active[0]]
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Attach a new adapter, inactive (use :meth:`set_adapter` to train or use it)."""
+        _check_adapter_name(adapter_name, self.peft_config)
+        config = copy.deepcopy(peft_config)
+        model = self._model
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _model_name(model)
+        heads = TASK_HEADS.get(str(config.task_type), [])
+        present_heads = [h for h in heads if _find_paths(model, [h])]
+        if present_heads and hasattr(config, "modules_to_save"):
+            config.modules_to_save = list(dict.fromkeys(list(config.modules_to_save or []) + present_heads))
+        method = get_method(config.peft_type)
+        try:
+            method.attach(model, adapter_name, config)
+            self._attach_modules_to_save(adapter_name, getattr(config, "modules_to_save", None))
+        except Exception:
+            self._detach(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self._sync_layers()
+
+    def _attach_modules_to_save(self, adapter_name: str, names: list[str] | None) -> None:
+        if not names:
+            return
+        model = self._model
+        paths = _find_paths(model, names)
+        if not paths:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in engine.visible_modules(model)})
+            raise engine.TargetModuleError(
+                f"modules_to_save {names} matched no module of the model; module names: {', '.join(leaves[:30])}"
+            )
+        for path in paths:
+            engine.wrap_targets(
+                model, [path], ModulesToSaveWrapper, lambda layer, p: layer.add_adapter(adapter_name, None, p)
+            )
+
+    def _detach(self, adapter_name: str) -> None:
+        for _, layer in engine.adapter_layers(self._model):
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+        engine.remove_empty_wrappers(self._model)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active (their updates add up) and the only trainable ones."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config) or 'none'}")
+        self._active = names
+        self._sync_layers()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and every module it added; the base model is as before."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+        self._detach(adapter_name)
+        del self.peft_config[adapter_name]
+        if adapter_name in self._active:
+            self._active = [a for a in self._active if a != adapter_name]
+            if not self._active and self.peft_config:
+                self._active = [next(iter(self.peft_config))]
+                logger.warning("deleted the active adapter; %r is active now", self._active[0])
+        self._sync_layers()
+
+    def _sync_layers(self) -> None:
+        """Push the active set into every layer and make exactly the active adapters trainable."""
+        model = self._model
+        for _, layer in engine.adapter_layers(model):
+            layer.active_adapters = list(self._active)
+            for name in layer.adapter_names:
+                config = self.peft_config.get(name)
+                layer.set_trainable(name, name in self._active and config is not None and not config.inference_mode)
+        trained_bias: dict[str, nn.Parameter] = {}
+        for name in self._active:
+            config = self.peft_config[name]
+            if not config.inference_mode:
+                trained_bias.update(checkpoint.trained_base_parameters(model, getattr(config, "bias", "none"), name))
+        adapter_ids = {
+            id(p)
+            for _, layer in engine.adapter_layers(model)
+            for n in layer.adapter_names
+            for p in layer.adapter_parameters(n)
+        }
+        for pname, param in model.named_parameters():
+            if id(param) not in adapter_ids:
+                param.requires_grad_(pname in trained_bias)
+
+    def _layers(self) -> Iterator[AdapterLayer]:
+        for _, layer in engine.adapter_layers(self._model):
+            yield layer
+
+    # -- switching adapters off and on ----------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes exactly the base model's outputs."""
+        merged = {id(layer): list(layer.merged_adapters) for layer in self._layers()}
+        if any(merged.values()):
+            self.unmerge_adapter()
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+            for layer in self._layers():
+                if merged.get(id(layer)):
+                    layer.merge(merged[id(layer)])
+
+    def disable_adapter_layers(self) -> None:
+        for layer in self._layers():
+            layer.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        for layer in self._layers():
+            layer.disabled = False
+
+    # -- merging --------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; forward skips them after."""
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}")
+        layers = [layer for layer in self._layers() if any(n in layer.adapter_names for n in names)]
+        _untie_shared_weights(self._model, layers)
+        for layer in layers:
+            layer.merge([n for n in names if n in layer.adapter_names], safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None, progressbar: bool = False
+    ) -> nn.Module:
+        """Merge the adapters and return the plain base model, with no adapter modules left in it."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; returns the original base model."""
+        self.unmerge_adapter()
+        for layer in self._layers():
+            layer.merged_adapters = []
+        return self._unwrap()
+
+    def _unwrap(self) -> nn.Module:
+        model = self._model
+        engine.unwrap_all(model)
+        self.peft_config.clear()
+        self._active = []
+        return model
+
+    # -- running --------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "adapter_names" in kwargs:
+            raise NotImplementedError("per-row adapter_names (mixed-adapter batches) are not available yet")
+        return self._model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._model.generate(*args, **kwargs)
+
+    # -- counting -------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, each shared tensor counted once."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- saving and loading ---------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter in HF PEFT's layout; adapters not named ``default`` go in a subfolder.
+
+        ``safe_serialization=False`` is accepted for API compatibility but still writes safetensors.
+        """
+        if not is_main_process:
+            return
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"{directory} is a file; save_pretrained needs a directory")
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config)}")
+            target = directory if name == "default" else directory / name
+            config = dataclasses.replace(self.peft_config[name], inference_mode=True)
+            state = checkpoint.adapter_state_dict(self._model, name, getattr(config, "bias", "none"))
+            checkpoint.save_tensors(state, target / checkpoint.WEIGHTS_NAME)
+            config.save_pretrained(target)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load a saved adapter (deltatune's or HF PEFT's) onto ``model``."""
+        directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
+        config = config if config is not None else PeftConfig.from_pretrained(directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_weights(directory, adapter_name, allow_pickle)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Load a saved adapter next to the existing ones (inactive until :meth:`set_adapter`)."""
+        directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
+        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(directory, adapter_name, allow_pickle)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, directory: Path, adapter_name: str, allow_pickle: bool) -> None:
+        state = checkpoint.load_tensors(directory, allow_pickle=allow_pickle)
+        checkpoint.load_adapter_state_dict(self._model, adapter_name, state, source=str(directory))
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
+    """Wrap ``model`` with one trainable adapter; the base model's own weights are frozen."""
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def _untie_shared_weights(model: nn.Module, layers: list[AdapterLayer]) -> None:
+    """Give modules that share a to-be-merged weight (a tied LM head) their own copy first.
+
+    Otherwise merging an embedding adapter would silently change the tied output layer too, and the
+    merged model would no longer compute what the adapted one did.
+    """
+    merged_ids = {id(p) for layer in layers for p in layer.base_layer.parameters(recurse=False)}
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if id(module) in inside:
+            continue
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if id(param) in merged_ids:
+                setattr(module, pname, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+                config = getattr(model, "config", None)
+                if config is not None and getattr(config, "tie_word_embeddings", False):
+                    config.tie_word_embeddings = False
+                logger.warning("untied %s.%s from a merged adapter layer so its outputs stay unchanged", path, pname)
+
+
+def _check_adapter_name(name: str, existing: dict[str, PeftConfig]) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ROW:
+        raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without '.' (and not {BASE_ROW!r})")
+    if name in existing:
+        raise ValueError(f"an adapter named {name!r} exists already; delete it first or pick another name")
+
+
+def _model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None
+
+
+def _find_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """Module paths equal to, or ending in, one of ``names`` (outermost match only)."""
+    found: list[str] = []
+    for path, _ in engine.visible_modules(model):
+        if any(path == n or path.endswith("." + n) for n in names):
+            if not any(path.startswith(f + ".") for f in found):
+                found.append(path)
+    return found
+
+
+def _resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> Path:
+    directory = Path(model_id)
+    if subfolder:
+        directory = directory / subfolder
+    if directory.is_dir():
+        return directory
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "YES", "yes"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(str(model_id), allow_patterns=[f"{subfolder or ''}*"]))
+            return local / subfolder if subfolder else local
+        except Exception as err:  # network, auth, missing repo: one clear message
+            raise ConfigError(f"{model_id} is neither a local adapter directory nor a downloadable one: {err}") from err
+    raise ConfigError(f"{model_id} is not a directory (HF_HUB_OFFLINE is set, so hub ids are not fetched)")
+
+
+# PEFT exposes one class per task; here one class serves every task, so the names are aliases.
+PeftModelForCausalLM = PeftModel
+PeftModelForSequenceClassification = PeftModel
+PeftModelForSeq2SeqLM = PeftModel
+PeftModelForTokenClassification = PeftModel
+PeftModelForQuestionAnswering = PeftModel
+PeftModelForFeatureExtraction = PeftModel
+
+__all__ = ["PeftModel", "get_peft_model"]

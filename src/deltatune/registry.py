@@ -1,0 +1,49 @@
+"""The map from ``peft_type`` to the method that implements it.
+
+The engine, the checkpoint code and :class:`~deltatune.peft_model.PeftModel` never name a method;
+they look it up here. A method module registers itself when imported; ``deltatune/__init__.py``
+imports every built-in method, so the registry is complete once ``deltatune`` is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from deltatune.config import ConfigError, PeftConfig, PeftType
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What the engine needs to know about one method.
+
+    Attributes:
+        peft_type: the value stored in ``adapter_config.json``.
+        config_class: the method's config dataclass.
+        attach: ``attach(model, adapter_name, config) -> list[str]`` adds the adapter to ``model``
+            in place (wrapping modules or installing input hooks) and returns the paths it touched.
+    """
+
+    peft_type: PeftType
+    config_class: type[PeftConfig]
+    attach: Callable[[nn.Module, str, PeftConfig], list[str]]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    _METHODS[method.peft_type.value] = method
+    return method
+
+
+def get_method(peft_type: PeftType | str) -> Method:
+    key = peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)
+    if key not in _METHODS:
+        known = ", ".join(sorted(_METHODS))
+        raise ConfigError(f"unknown peft_type {key!r}; deltatune implements: {known}")
+    return _METHODS[key]
