@@ -1,0 +1,177 @@
+"""LoRA layers against the papers' formulas, written out by hand here.
+
+LoRA (Hu et al. 2021): ``y = x W^T + b + s x A^T B^T`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
+DoRA (Liu et al. 2024): ``y = x (m * V / ||V||_row)^T + b`` with ``V = W + s B A``.
+PiSSA (Meng et al. 2024): ``s B A = U_r S_r V_r^T`` and the base keeps ``W - U_r S_r V_r^T``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.methods.lora import LoraEmbedding, LoraLinear
+
+
+class Toy(nn.Module):
+    """A plain torch model: the core works on any nn.Module, not only transformers models."""
+
+    def __init__(self, d_in: int = 12, d_out: int = 10, vocab: int = 20, conv1d: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d_in)
+        self.proj = Conv1D(d_out, d_in) if conv1d else nn.Linear(d_in, d_out)
+        if conv1d:
+            nn.init.normal_(self.proj.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.emb(ids))
+
+
+def wrap(conv1d: bool = False, seed: int = 0, **config) -> tuple[dt.PeftModel, Toy]:
+    torch.manual_seed(seed)
+    model = Toy(conv1d=conv1d)
+    reference = Toy(conv1d=conv1d)
+    reference.load_state_dict(model.state_dict())
+    config.setdefault("target_modules", ["proj"])
+    config.setdefault("init_lora_weights", False)
+    return dt.get_peft_model(model, dt.LoraConfig(**config)), reference
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+IDS = torch.tensor([[1, 5, 7, 3], [0, 2, 19, 4]])
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_linear_formula(conv1d, use_rslora):
+    pm, reference = wrap(conv1d=conv1d, r=3, lora_alpha=7, use_rslora=use_rslora)
+    layer = pm.base_model.model.proj
+    assert isinstance(layer, LoraLinear)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = 7 / math.sqrt(3) if use_rslora else 7 / 3
+    x = reference.emb(IDS)
+    expected = x @ weight_out_in(reference.proj).T + reference.proj.bias + s * (x @ A.T @ B.T)
+    torch.testing.assert_close(pm(IDS), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_dora_formula_and_initial_magnitude():
+    pm, reference = wrap(r=2, lora_alpha=4, use_dora=True)
+    layer = pm.base_model.model.proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    W, b, s = reference.proj.weight, reference.proj.bias, 2.0
+    V = W + s * B @ A
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"], V.norm(dim=1))
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(torch.linspace(0.5, 1.5, W.shape[0]))
+    m = layer.lora_magnitude_vector["default"]
+    x = reference.emb(IDS)
+    expected = x @ (m[:, None] * V / V.norm(dim=1, keepdim=True)).T + b
+    torch.testing.assert_close(pm(IDS), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_treats_the_norm_as_constant_in_backward():
+    pm, reference = wrap(r=2, lora_alpha=4, use_dora=True)
+    layer = pm.base_model.model.proj
+    A, B, m = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"]
+    pm(IDS).square().sum().backward()
+    # Same forward, written with the norm detached: the gradients must match exactly that graph.
+    A2, B2, m2 = (t.detach().clone().requires_grad_() for t in (A, B, m))
+    x = reference.emb(IDS).detach()
+    V = reference.proj.weight + 2.0 * B2 @ A2
+    (x @ (m2[:, None] * V / V.norm(dim=1, keepdim=True).detach()).T + reference.proj.bias).square().sum().backward()
+    for ours, theirs in ((A, A2), (B, B2), (m, m2)):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_formula():
+    pm, reference = wrap(r=2, lora_alpha=6, target_modules=["emb"])
+    layer = pm.base_model.model.emb
+    assert isinstance(layer, LoraEmbedding)
+    A, B = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]  # (r, vocab), (dim, r)
+    table = reference.emb.weight + 3.0 * (B @ A).T
+    torch.testing.assert_close(pm(IDS), reference.proj(table[IDS]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_8"])
+def test_pissa_takes_the_principal_part_and_leaves_the_residual(init):
+    torch.manual_seed(0)
+    model = Toy(d_in=16, d_out=12)
+    original = model.proj.weight.detach().clone()
+    before = model(IDS).detach()
+    pm = dt.get_peft_model(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=init))
+    layer = pm.base_model.model.proj
+    principal = layer.get_delta_weight("default")
+    U, S, Vh = torch.linalg.svd(original)
+    expected = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+    tolerance = 1e-4 if init == "pissa" else 5e-2  # a randomised SVD is close, not exact
+    torch.testing.assert_close(principal, expected, atol=tolerance, rtol=0)
+    torch.testing.assert_close(layer.base_layer.weight + principal, original, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pm(IDS), before, atol=1e-5, rtol=1e-5)  # outputs unchanged at init
+
+
+def test_pissa_adapter_reloads_onto_the_original_base(tmp_path):
+    torch.manual_seed(0)
+    pm = dt.get_peft_model(Toy(d_in=16, d_out=12), dt.LoraConfig(r=4, target_modules=["proj"], init_lora_weights="pissa"))
+    with torch.no_grad():
+        pm.base_model.model.proj.lora_B["default"].weight.mul_(1.3)  # "training"
+    expected = pm(IDS)
+    pm.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = dt.PeftModel.from_pretrained(Toy(d_in=16, d_out=12), tmp_path)
+    torch.testing.assert_close(loaded(IDS), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gaussian_init_scale_and_zero_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256))
+    pm = dt.get_peft_model(model, dt.LoraConfig(r=16, target_modules=["0"], init_lora_weights="gaussian"))
+    layer = pm.base_model.model[0]
+    assert abs(layer.lora_A["default"].weight.std().item() - 1 / 16) < 0.005
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_in=st.integers(1, 24),
+    d_out=st.integers(1, 24),
+    r=st.integers(1, 8),
+    alpha=st.floats(0.5, 32),
+    dora=st.booleans(),
+    conv1d=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_unmerge_round_trip(d_in, d_out, r, alpha, dora, conv1d, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(Conv1D(d_out, d_in) if conv1d else nn.Linear(d_in, d_out))
+    original = model[0].weight.detach().clone()
+    config = dt.LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False, use_dora=dora)
+    pm = dt.get_peft_model(model, config)
+    x = torch.randn(3, d_in)
+    unmerged = pm(x).detach()
+    pm.merge_adapter()
+    torch.testing.assert_close(pm(x), unmerged, atol=1e-4, rtol=1e-4)
+    pm.unmerge_adapter()
+    torch.testing.assert_close(pm.base_model.model[0].base_layer.weight, original, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pm(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embedding_merge_keeps_the_head(tmp_path):
+    from conftest import tiny_inputs, tiny_model
+
+    pm = dt.get_peft_model(tiny_model("gpt2"), dt.LoraConfig(r=4, target_modules=["wte"], init_lora_weights=False))
+    pm.eval()
+    with torch.no_grad():
+        expected = pm(**tiny_inputs("gpt2")).logits
+        merged = pm.merge_and_unload()
+        torch.testing.assert_close(merged(**tiny_inputs("gpt2")).logits, expected, atol=1e-5, rtol=0)
+    assert merged.config.tie_word_embeddings is False
