@@ -13,9 +13,10 @@ import json
 import peft
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_model
 
 import deltatune as dt
+
+from conftest import tiny_inputs, tiny_model
 
 TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -52,7 +53,11 @@ def variant_kwargs(kind: str, variant: str) -> dict | None:
             return None  # Llama and T5 have no biases
         kwargs["bias"] = "all"
     elif variant == "patterns":
-        kwargs["rank_pattern"] = {"layers.1.self_attn.q_proj": 2, "h.1.attn.c_attn": 2, "layer.1.attention.self.query": 2}
+        kwargs["rank_pattern"] = {
+            "layers.1.self_attn.q_proj": 2,
+            "h.1.attn.c_attn": 2,
+            "layer.1.attention.self.query": 2,
+        }
         kwargs["alpha_pattern"] = {"v_proj": 3, "c_proj": 3, "value": 3, "q": 5}
     elif variant == "lora_bias":
         kwargs["lora_bias"] = True
@@ -168,7 +173,9 @@ def test_training_gradients_match_peft(variant, tmp_path):
 
 
 def test_non_default_adapters_use_peft_subfolders(tmp_path):
-    ours = dt.get_peft_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    ours = dt.get_peft_model(
+        tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
     ours.add_adapter("second", dt.LoraConfig(r=3, target_modules=["v_proj"], init_lora_weights=False))
     ours.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_config.json").is_file()
@@ -184,7 +191,9 @@ def test_non_default_adapters_use_peft_subfolders(tmp_path):
 
 
 def test_peft_multi_adapter_directory_loads_by_name(tmp_path):
-    reference = peft.get_peft_model(tiny_model("gpt2"), peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    reference = peft.get_peft_model(
+        tiny_model("gpt2"), peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+    )
     reference.add_adapter("other", peft.LoraConfig(r=2, target_modules=["c_fc"], init_lora_weights=False))
     reference.save_pretrained(tmp_path)
     reference.set_adapter("other")

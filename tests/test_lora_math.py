@@ -121,7 +121,9 @@ def test_pissa_takes_the_principal_part_and_leaves_the_residual(init):
 
 def test_pissa_adapter_reloads_onto_the_original_base(tmp_path):
     torch.manual_seed(0)
-    pm = dt.get_peft_model(Toy(d_in=16, d_out=12), dt.LoraConfig(r=4, target_modules=["proj"], init_lora_weights="pissa"))
+    pm = dt.get_peft_model(
+        Toy(d_in=16, d_out=12), dt.LoraConfig(r=4, target_modules=["proj"], init_lora_weights="pissa")
+    )
     with torch.no_grad():
         pm.base_model.model.proj.lora_B["default"].weight.mul_(1.3)  # "training"
     expected = pm(IDS)
