@@ -33,6 +33,17 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
 
+    def __getattr__(self, name: str):
+        # Model code reads attributes of the layer it built (T5 reads `self.wo.weight.dtype`):
+        # anything the wrapper lacks comes from the base layer, as if it were not wrapped.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
     # -- adapters -------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
@@ -96,7 +107,10 @@ class AdapterLayer(nn.Module):
         own = self.adapter_state_dict(name)
         missing = sorted(set(own) - set(state))
         if missing:
-            raise KeyError(f"checkpoint has no tensor {where}.{missing[0]} for adapter {name!r}")
+            raise KeyError(
+                f"checkpoint has no tensor {where}.{missing[0]} for adapter {name!r}; the adapter was saved "
+                "for a different base model (e.g. fewer layers) or with other target modules"
+            )
         unexpected = sorted(set(state) - set(own))
         if unexpected:
             raise KeyError(

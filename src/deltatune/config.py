@@ -164,7 +164,7 @@ class PeftConfig:
         """Read ``adapter_config.json`` from ``directory``."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
+            raise ConfigError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -136,7 +136,7 @@ def find_targets(
 
     if not all_linear and not isinstance(target_modules, str):
         _warn_unmatched(named, target_modules, found + [n for n, _ in wrong_type])
-    if found:
+    if found and not wrong_type:
         return found
     if wrong_type:
         name, module = wrong_type[0]
@@ -151,7 +151,11 @@ def find_targets(
 
 def default_target_modules(named: Sequence[tuple[str, nn.Module]], wrappable: tuple[type[nn.Module], ...]) -> list[str]:
     """The first group of conventional attention-projection names present in the model."""
-    leaves = {name.rsplit(".", 1)[-1] for name, module in named if isinstance(module, wrappable)}
+    leaves = {
+        name.rsplit(".", 1)[-1]
+        for name, module in named
+        if isinstance(module.base_layer if isinstance(module, AdapterLayer) else module, wrappable)
+    }
     for group in DEFAULT_TARGET_CANDIDATES:
         if all(entry in leaves for entry in group):
             return list(group)

@@ -49,6 +49,20 @@ class ModulesToSaveWrapper(AdapterLayer):
         # A replaced module cannot be summed like a low-rank update: the last active copy wins.
         return self.modules_to_save[routed[-1]](*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        # Attribute reads (e.g. `model.score.weight`) go to the module currently in use.
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            copies = self._modules.get("modules_to_save")
+            routed = [a for a in self.active_adapters if a in copies] if copies is not None else []
+            if routed and not self.disabled:
+                return getattr(copies[routed[-1]], name)
+            base = self._modules.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     def routed_adapters(self) -> list[str]:
         if self.disabled:
             return []
@@ -64,13 +78,3 @@ class ModulesToSaveWrapper(AdapterLayer):
     def unwrap(self) -> nn.Module:
         chosen = [a for a in self.merged_adapters if a in self.modules_to_save]
         return self.modules_to_save[chosen[-1]] if chosen else self.base_layer
-
-    def __getattr__(self, name: str):
-        # Code outside the model (e.g. transformers' weight tying or `model.score.weight`) reaches
-        # into the wrapped module's attributes; forward them to the module currently in use.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            routed = self.routed_adapters() if "modules_to_save" in self._modules else []
-            target = self._modules["modules_to_save"][routed[-1]] if routed else self._modules["base_layer"]
-            return getattr(target, name)

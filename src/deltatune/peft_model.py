@@ -65,9 +65,15 @@ class PeftModel(nn.Module):
         self.base_model = AdapterHost(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
-        for param in model.parameters():
+        flags = [(param, param.requires_grad) for param in model.parameters()]
+        for param, _ in flags:
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config)
+        try:
+            self.add_adapter(adapter_name, peft_config)
+        except Exception:
+            for param, flag in flags:  # leave the user's model as it was
+                param.requires_grad_(flag)
+            raise
         self.set_adapter(adapter_name)
 
     # -- attribute access like the wrapped model --------------------------------------------------
@@ -195,7 +201,11 @@ class PeftModel(nn.Module):
     # -- switching adapters off and on ----------------------------------------------------------
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly the base model's outputs."""
+        """Inside the block the model computes the base model's outputs.
+
+        Bit for bit when no adapter is merged; merged adapters are unmerged for the block (and merged
+        again after), which leaves float rounding of about 1e-7 in the weights.
+        """
         merged = {id(layer): list(layer.merged_adapters) for layer in self._layers()}
         if any(merged.values()):
             self.unmerge_adapter()
@@ -222,7 +232,7 @@ class PeftModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else list(self._active)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"no adapter named {name!r}")
+                raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config) or 'none'}")
         layers = [layer for layer in self._layers() if any(n in layer.adapter_names for n in names)]
         _untie_shared_weights(self._model, layers)
         for layer in layers:
@@ -322,7 +332,11 @@ class PeftModel(nn.Module):
         config = config if config is not None else PeftConfig.from_pretrained(directory)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(directory, adapter_name, allow_pickle)
+        try:
+            peft_model._load_weights(directory, adapter_name, allow_pickle)
+        except Exception:
+            peft_model.unload()  # give the user's model back unwrapped
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model

@@ -316,10 +316,15 @@ class LoraLinear(AdapterLayer):
         if lora_bias is None:
             return
         base = self.base_layer
-        if base.bias is None:
+        if base.bias is None:  # a bias-free layer gets one for the merge, and loses it on unmerge
             base.bias = nn.Parameter(base.weight.new_zeros(self.out_features), requires_grad=False)
+            self._created_bias = True
         with torch.no_grad():
             base.bias.add_(sign * self.scaling[name] * lora_bias.to(base.bias.dtype))
+        still_merged = any(self.lora_B[a].bias is not None for a in self.merged_adapters if a != name)
+        if sign < 0 and getattr(self, "_created_bias", False) and not still_merged:
+            base.register_parameter("bias", None)
+            self._created_bias = False
 
 
 class LoraEmbedding(AdapterLayer):
