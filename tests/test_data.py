@@ -260,8 +260,7 @@ def test_sentiment_template_picks_distinct_first_tokens():
     prompt, answer = data.build_sentiment_example(CharTokenizer(chat=True), "Great.", 1)
     assert prompt.startswith("<user>") and "Review: Great." in prompt and prompt.endswith("<assistant>\n")
     assert answer == "positive"
-    assert data.build_sentiment_example(CharTokenizer(chat=False), "Dull.", None) == (
-        "Review: Dull.\nSentiment:", None)
+    assert data.build_sentiment_example(CharTokenizer(chat=False), "Dull.", None) == ("Review: Dull.\nSentiment:", None)
     with pytest.raises(ValueError, match="label"):
         data.build_sentiment_example(CharTokenizer(chat=False), "Dull.", 2)
 
@@ -281,7 +280,7 @@ def test_sentiment_tokens_under_smollm2():
         assert prompt.endswith("<|im_start|>assistant\n")
         p_ids = tok(prompt, add_special_tokens=False).input_ids
         full = tok(prompt + answer, add_special_tokens=False).input_ids
-        assert full[: len(p_ids)] == p_ids and full[len(p_ids):] == [template.answer_token_ids[label]]
+        assert full[: len(p_ids)] == p_ids and full[len(p_ids) :] == [template.answer_token_ids[label]]
 
     tok.chat_template = None
     plain = data.sentiment_template(tok)

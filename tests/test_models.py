@@ -196,8 +196,13 @@ def test_build_cached_concurrent_processes_build_once(tmp_cache, tmp_path):
     go = time.time() + 8.0  # time for the interpreters to start and import torch
     env = dict(os.environ)
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, str(dest), str(log), str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(dest), str(log), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for _ in range(3)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -260,10 +265,13 @@ def test_smollm2_conversion_matches_gguf():
     gguf_tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
 
     texts = ["The quick brown fox jumps over the lazy dog.", "Review: a fine film\nSentiment:"]
-    chat = gguf_tok.apply_chat_template([{"role": "user", "content": "Hi!"}], tokenize=False,
-                                        add_generation_prompt=True)
-    assert cached_tok.apply_chat_template([{"role": "user", "content": "Hi!"}], tokenize=False,
-                                          add_generation_prompt=True) == chat
+    chat = gguf_tok.apply_chat_template(
+        [{"role": "user", "content": "Hi!"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        cached_tok.apply_chat_template([{"role": "user", "content": "Hi!"}], tokenize=False, add_generation_prompt=True)
+        == chat
+    )
     for text in [*texts, chat]:
         assert cached_tok(text).input_ids == gguf_tok(text).input_ids
     assert cached_tok.model_max_length == 8192

