@@ -3,7 +3,7 @@
 from deltatune.checkpoint import CheckpointError
 from deltatune.config import ConfigError, PeftConfig, PeftType, TaskType
 from deltatune.engine import TargetModuleError
-from deltatune.methods import LoraConfig
+from deltatune.methods import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -30,6 +30,9 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "TargetModuleError",
     "TaskType",
     "get_peft_model",

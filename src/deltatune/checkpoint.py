@@ -119,14 +119,20 @@ def trained_base_parameters(model: nn.Module, bias: str, adapter_name: str) -> d
     return found
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name``'s tensors under their HF PEFT checkpoint keys."""
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str, bias: str = "none", prefix: str = PREFIX
+) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s tensors under their HF PEFT checkpoint keys.
+
+    ``prefix`` is ``base_model.model.`` for layer methods; HF PEFT writes ``base_model.`` for the
+    modules trained next to a prompt-learning adapter (its model tree has one level less there).
+    """
     state: dict[str, torch.Tensor] = {}
     for path, layer in engine.adapter_layers(model):
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
-            state[f"{PREFIX}{path}.{key}"] = tensor
+            state[f"{prefix}{path}.{key}"] = tensor
     for name, param in trained_base_parameters(model, bias, adapter_name).items():
-        state[PREFIX + name] = param.detach()
+        state[prefix + name] = param.detach()
     return state
 
 

@@ -12,23 +12,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from deltatune import checkpoint, engine
 from deltatune.adapter_layer import AdapterLayer
 from deltatune.config import TASK_HEADS, ConfigError, PeftConfig
 from deltatune.modules_to_save import ModulesToSaveWrapper
+from deltatune.prompt_learning import InputAdapter
 from deltatune.registry import get_method
 
 logger = logging.getLogger("deltatune")
 
 BASE_ROW = "__base__"
+# HF PEFT's checkpoint keys for modules trained next to a prompt-learning adapter start one level up.
+PROMPT_LEARNING_PREFIX = "base_model."
 
 
 class AdapterHost(nn.Module):
@@ -63,8 +68,11 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = AdapterHost(model)
+        # Input methods' trained tensors (prompt tuning, P-tuning, prefix tuning), by adapter name.
+        self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._disabled = False
         flags = [(param, param.requires_grad) for param in model.parameters()]
         for param, _ in flags:
             param.requires_grad_(False)
@@ -120,7 +128,10 @@ class PeftModel(nn.Module):
             config.modules_to_save = list(dict.fromkeys(list(config.modules_to_save or []) + present_heads))
         method = get_method(config.peft_type)
         try:
-            method.attach(model, adapter_name, config)
+            if method.input_adapter is not None:
+                self.prompt_encoder[adapter_name] = method.input_adapter(model, config)
+            else:
+                method.attach(model, adapter_name, config)
             self._attach_modules_to_save(adapter_name, getattr(config, "modules_to_save", None))
         except Exception:
             self._detach(adapter_name)
@@ -144,6 +155,8 @@ class PeftModel(nn.Module):
             )
 
     def _detach(self, adapter_name: str) -> None:
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
         for _, layer in engine.adapter_layers(self._model):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
@@ -155,6 +168,9 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config) or 'none'}")
+        inputs = [n for n in names if n in self.prompt_encoder]
+        if len(inputs) > 1:
+            raise ValueError(f"only one prompt/prefix adapter can be active at a time, got {inputs}")
         self._active = names
         self._sync_layers()
 
@@ -174,6 +190,8 @@ class PeftModel(nn.Module):
     def _sync_layers(self) -> None:
         """Push the active set into every layer and make exactly the active adapters trainable."""
         model = self._model
+        for name, adapter in self.prompt_encoder.items():
+            adapter.set_trainable(name in self._active and not self.peft_config[name].inference_mode)
         for _, layer in engine.adapter_layers(model):
             layer.active_adapters = list(self._active)
             for name in layer.adapter_names:
@@ -219,10 +237,12 @@ class PeftModel(nn.Module):
                     layer.merge(merged[id(layer)])
 
     def disable_adapter_layers(self) -> None:
+        self._disabled = True
         for layer in self._layers():
             layer.disabled = True
 
     def enable_adapter_layers(self) -> None:
+        self._disabled = False
         for layer in self._layers():
             layer.disabled = False
 
@@ -233,6 +253,11 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config) or 'none'}")
+            if name in self.prompt_encoder:
+                raise ValueError(
+                    f"adapter {name!r} is a {self.peft_config[name].peft_type} adapter: it changes the "
+                    "model's inputs and has no weights to merge"
+                )
         layers = [layer for layer in self._layers() if any(n in layer.adapter_names for n in names)]
         _untie_shared_weights(self._model, layers)
         for layer in layers:
@@ -259,18 +284,46 @@ class PeftModel(nn.Module):
     def _unwrap(self) -> nn.Module:
         model = self._model
         engine.unwrap_all(model)
+        self.prompt_encoder = nn.ModuleDict()
         self.peft_config.clear()
         self._active = []
         return model
 
     # -- running --------------------------------------------------------------------------------
+    def _active_input_adapter(self) -> InputAdapter | None:
+        if self._disabled:
+            return None
+        for name in self._active:
+            if name in self.prompt_encoder:
+                return self.prompt_encoder[name]
+        return None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if "adapter_names" in kwargs:
             raise NotImplementedError("per-row adapter_names (mixed-adapter batches) are not available yet")
-        return self._model(*args, **kwargs)
+        adapter = self._active_input_adapter()
+        if adapter is None:
+            return self._model(*args, **kwargs)
+        kwargs = _bind_arguments(self._model.forward, args, kwargs)
+        return self._model(**adapter.prepare_forward(self._model, kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self._model.generate(*args, **kwargs)
+        """``transformers``' ``generate``, with the active prompt or prefix in front of the input."""
+        adapter = self._active_input_adapter()
+        if adapter is None:
+            return self._model.generate(*args, **kwargs)
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError("pass generate's arguments by keyword (input_ids=..., attention_mask=...)")
+            kwargs["input_ids"] = args[0]
+        kwargs, cut = adapter.prepare_generate(self._model, dict(kwargs))
+        output = self._model.generate(**kwargs)
+        if not cut:
+            return output
+        if isinstance(output, torch.Tensor):
+            return output[:, cut:]
+        output.sequences = output.sequences[:, cut:]
+        return output
 
     # -- counting -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -312,7 +365,10 @@ class PeftModel(nn.Module):
                 raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config)}")
             target = directory if name == "default" else directory / name
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
-            state = checkpoint.adapter_state_dict(self._model, name, getattr(config, "bias", "none"))
+            prefix = PROMPT_LEARNING_PREFIX if config.is_prompt_learning else checkpoint.PREFIX
+            state = checkpoint.adapter_state_dict(self._model, name, getattr(config, "bias", "none"), prefix)
+            if name in self.prompt_encoder:
+                state.update(self.prompt_encoder[name].adapter_state_dict())
             checkpoint.save_tensors(state, target / checkpoint.WEIGHTS_NAME)
             config.save_pretrained(target)
 
@@ -361,7 +417,19 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, directory: Path, adapter_name: str, allow_pickle: bool) -> None:
         state = checkpoint.load_tensors(directory, allow_pickle=allow_pickle)
+        if adapter_name in self.prompt_encoder:
+            own = {k: v for k, v in state.items() if not k.startswith(PROMPT_LEARNING_PREFIX)}
+            try:
+                self.prompt_encoder[adapter_name].load_adapter_state_dict(own, where=str(directory))
+            except (KeyError, ValueError) as err:
+                raise checkpoint.CheckpointError(f"{directory}: {err.args[0]}") from err
+            state = {
+                checkpoint.PREFIX + k.removeprefix(PROMPT_LEARNING_PREFIX): v
+                for k, v in state.items()
+                if k.startswith(PROMPT_LEARNING_PREFIX)
+            }
         checkpoint.load_adapter_state_dict(self._model, adapter_name, state, source=str(directory))
+        self._sync_layers()
 
 
 def get_peft_model(
@@ -369,6 +437,22 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap ``model`` with one trainable adapter; the base model's own weights are frozen."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+def _bind_arguments(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional forward arguments by name, so that input methods can rewrite them."""
+    if not args:
+        return dict(kwargs)
+    names = [
+        p.name
+        for p in inspect.signature(forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    bound = dict(zip(names, args))
+    overlap = set(bound) & set(kwargs)
+    if overlap or len(args) > len(names):
+        raise TypeError(f"forward got arguments twice or too many positional arguments: {sorted(overlap)}")
+    return {**bound, **kwargs}
 
 
 def _untie_shared_weights(model: nn.Module, layers: list[AdapterLayer]) -> None:

@@ -24,13 +24,16 @@ class Method:
     Attributes:
         peft_type: the value stored in ``adapter_config.json``.
         config_class: the method's config dataclass.
-        attach: ``attach(model, adapter_name, config) -> list[str]`` adds the adapter to ``model``
-            in place (wrapping modules or installing input hooks) and returns the paths it touched.
+        attach: for layer methods, ``attach(model, adapter_name, config) -> list[str]`` wraps the
+            target modules of ``model`` in place and returns their paths.
+        input_adapter: for input methods (prompt, prefix), ``input_adapter(model, config)`` builds
+            the :class:`~deltatune.prompt_learning.InputAdapter` that rewrites forward inputs.
     """
 
     peft_type: PeftType
     config_class: type[PeftConfig]
-    attach: Callable[[nn.Module, str, PeftConfig], list[str]]
+    attach: Callable[[nn.Module, str, PeftConfig], list[str]] | None = None
+    input_adapter: Callable[[nn.Module, PeftConfig], nn.Module] | None = None
 
 
 _METHODS: dict[str, Method] = {}

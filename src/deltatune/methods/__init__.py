@@ -1,5 +1,7 @@
 """One module per method: its config, its layer and the rule that attaches it (see ``registry``)."""
 
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.prefix import PrefixTuningConfig
+from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 
-__all__ = ["LoraConfig"]
+__all__ = ["LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig"]
