@@ -25,14 +25,14 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) benchmarks/run_all.py
