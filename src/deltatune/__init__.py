@@ -3,8 +3,9 @@
 from deltatune.checkpoint import CheckpointError
 from deltatune.config import ConfigError, PeftConfig, PeftType, TaskType
 from deltatune.engine import TargetModuleError
-from deltatune.methods import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from deltatune.methods import BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from deltatune.peft_model import (
+    Parallel,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -12,12 +13,16 @@ from deltatune.peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    Stack,
     get_peft_model,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BottleneckConfig",
+    "Parallel",
+    "Stack",
     "CheckpointError",
     "ConfigError",
     "LoraConfig",

@@ -25,6 +25,10 @@ class AdapterLayer(nn.Module):
     """Base class of method wrappers. Subclasses list their per-adapter containers in ``containers``."""
 
     containers: tuple[str, ...] = ()
+    # Where this wrapper sits when several methods adapt one module: lower is closer to the base
+    # layer. Methods that change the weight (LoRA, IA3) sit innermost, so merging reaches the weight;
+    # methods that transform the layer's output (bottleneck adapters) wrap them.
+    nesting: int = 0
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

@@ -114,8 +114,9 @@ def trained_base_parameters(model: nn.Module, bias: str, adapter_name: str) -> d
     for path, layer in layers:
         if isinstance(layer, ModulesToSaveWrapper):
             continue
-        if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None:
-            found[f"{path}.base_layer.bias"] = layer.base_layer.bias
+        base = engine.innermost(layer)
+        if adapter_name in layer.adapter_names and getattr(base, "bias", None) is not None:
+            found[f"{engine.checkpoint_path(path)}.base_layer.bias"] = base.bias
     return found
 
 
@@ -130,7 +131,7 @@ def adapter_state_dict(
     state: dict[str, torch.Tensor] = {}
     for path, layer in engine.adapter_layers(model):
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
-            state[f"{prefix}{path}.{key}"] = tensor
+            state[f"{prefix}{engine.checkpoint_path(path)}.{key}"] = tensor
     for name, param in trained_base_parameters(model, bias, adapter_name).items():
         state[prefix + name] = param.detach()
     return state
@@ -143,7 +144,11 @@ def load_adapter_state_dict(model: nn.Module, adapter_name: str, state: dict[str
     checkpoint tensor must have a place in the model; otherwise the error names the first key that
     differs and both shapes, which is what a checkpoint for another base model looks like.
     """
-    layers = {path: layer for path, layer in engine.adapter_layers(model) if adapter_name in layer.adapter_names}
+    layers = {
+        engine.checkpoint_path(path): layer
+        for path, layer in engine.adapter_layers(model)
+        if adapter_name in layer.adapter_names
+    }
     grouped: dict[str, dict[str, torch.Tensor]] = {path: {} for path in layers}
     base_tensors: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():

@@ -116,7 +116,7 @@ def find_targets(
     for name, module in named:
         if name in skip or any(name.startswith(s + ".") for s in skip):
             continue
-        inner = module.base_layer if isinstance(module, AdapterLayer) else module
+        inner = innermost(module)
         if all_linear:
             hit = isinstance(inner, linear_types())
         else:
@@ -151,11 +151,7 @@ def find_targets(
 
 def default_target_modules(named: Sequence[tuple[str, nn.Module]], wrappable: tuple[type[nn.Module], ...]) -> list[str]:
     """The first group of conventional attention-projection names present in the model."""
-    leaves = {
-        name.rsplit(".", 1)[-1]
-        for name, module in named
-        if isinstance(module.base_layer if isinstance(module, AdapterLayer) else module, wrappable)
-    }
+    leaves = {name.rsplit(".", 1)[-1] for name, module in named if isinstance(innermost(module), wrappable)}
     for group in DEFAULT_TARGET_CANDIDATES:
         if all(entry in leaves for entry in group):
             return list(group)
@@ -226,22 +222,45 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def innermost(module: nn.Module) -> nn.Module:
+    """The module under every adapter wrapper at one path."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def checkpoint_path(path: str) -> str:
+    """A wrapper's path as HF PEFT names it: without the ``base_layer`` steps of nested wrappers."""
+    return ".".join(part for part in path.split(".") if part != "base_layer")
+
+
 def wrap_targets(
     model: nn.Module,
     paths: Sequence[str],
     layer_class: type[AdapterLayer],
     add: Callable[[AdapterLayer, str], None],
 ) -> None:
-    """Ensure each path holds a ``layer_class`` wrapper (reusing one already there), then ``add`` to it."""
+    """Ensure each path holds a ``layer_class`` wrapper (reusing one already there), then ``add`` to it.
+
+    ``path`` is the module's own path; the wrapper goes into the chain of wrappers already there at
+    the place its :attr:`AdapterLayer.nesting` says, and ``add`` gets the module's own path.
+    """
     for path in paths:
-        module = model.get_submodule(path)
+        holder, module = path, model.get_submodule(path)
+        while (
+            isinstance(module, AdapterLayer)
+            and not isinstance(module, layer_class)
+            and module.nesting > layer_class.nesting
+        ):
+            holder, module = f"{holder}.base_layer", module.base_layer
         if not isinstance(module, layer_class):
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, AdapterLayer) and module.nesting == layer_class.nesting:
                 raise TargetModuleError(
-                    f"{path} is already wrapped by {module.method_name}; one module takes one layer method"
+                    f"{path} is already adapted by {module.method_name}; {layer_class.__name__} cannot adapt the "
+                    "same module (exclude it from one of the two adapters)"
                 )
             module = layer_class(module)
-            replace_module(model, path, module)
+            replace_module(model, holder, module)
         add(module, path)
 
 

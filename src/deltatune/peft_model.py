@@ -36,6 +36,24 @@ BASE_ROW = "__base__"
 PROMPT_LEARNING_PREFIX = "base_model."
 
 
+class Stack(tuple):
+    """Active adapters applied in sequence: each bottleneck adapter reads the previous one's output."""
+
+    def __new__(cls, *names: str) -> Stack:
+        return super().__new__(cls, names)
+
+
+class Parallel(tuple):
+    """Active adapters applied side by side: each reads the same input and their updates add.
+
+    This is also what a plain list of names means. (Running different adapters on different rows
+    of one batch is the ``adapter_names=`` argument of ``forward`` and ``generate``.)
+    """
+
+    def __new__(cls, *names: str) -> Parallel:
+        return super().__new__(cls, names)
+
+
 class AdapterHost(nn.Module):
     """Holds the adapted model as ``.model`` (PEFT's ``LoraModel`` role, for every method)."""
 
@@ -72,6 +90,7 @@ class PeftModel(nn.Module):
         self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._composition = "parallel"
         self._disabled = False
         flags = [(param, param.requires_grad) for param in model.parameters()]
         for param, _ in flags:
@@ -162,9 +181,14 @@ class PeftModel(nn.Module):
                 layer.delete_adapter(adapter_name)
         engine.remove_empty_wrappers(self._model)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make these adapters active (their updates add up) and the only trainable ones."""
+    def set_adapter(self, adapter_name: str | list[str] | Stack | Parallel) -> None:
+        """Make these adapters active and the only trainable ones.
+
+        A list (or :class:`Parallel`) adds their updates; :class:`Stack` chains bottleneck adapters,
+        each reading the previous one's output.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._composition = "stack" if isinstance(adapter_name, Stack) else "parallel"
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config) or 'none'}")
@@ -194,6 +218,8 @@ class PeftModel(nn.Module):
             adapter.set_trainable(name in self._active and not self.peft_config[name].inference_mode)
         for _, layer in engine.adapter_layers(model):
             layer.active_adapters = list(self._active)
+            if hasattr(layer, "composition"):
+                layer.composition = self._composition
             for name in layer.adapter_names:
                 config = self.peft_config.get(name)
                 layer.set_trainable(name, name in self._active and config is not None and not config.inference_mode)
@@ -208,9 +234,10 @@ class PeftModel(nn.Module):
             for n in layer.adapter_names
             for p in layer.adapter_parameters(n)
         }
-        for pname, param in model.named_parameters():
+        trained_ids = {id(p) for p in trained_bias.values()}
+        for param in model.parameters():
             if id(param) not in adapter_ids:
-                param.requires_grad_(pname in trained_bias)
+                param.requires_grad_(id(param) in trained_ids)
 
     def _layers(self) -> Iterator[AdapterLayer]:
         for _, layer in engine.adapter_layers(self._model):

@@ -1,7 +1,8 @@
 """One module per method: its config, its layer and the rule that attaches it (see ``registry``)."""
 
+from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 
-__all__ = ["LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig"]
+__all__ = ["BottleneckConfig", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig"]

@@ -183,8 +183,16 @@ class PrefixEncoder(InputAdapter):
             kwargs["decoder_attention_mask"] = torch.ones_like(kwargs["decoder_input_ids"])
         else:
             dummy_prefix(kwargs, n, model)
-        kwargs[cache_argument(model)] = self.build_cache(model, batch)
+        # generate repeats each row for beams / several samples, but leaves a given cache alone.
+        kwargs[cache_argument(model)] = self.build_cache(model, batch * _rows_per_input(model, kwargs))
         return kwargs, n
+
+
+def _rows_per_input(model: nn.Module, kwargs: dict[str, Any]) -> int:
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    return max(int(beams), int(returned))
 
 
 def _new_cache(cache_class: type, model: nn.Module) -> Any:

@@ -1,0 +1,347 @@
+r"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022) on any transformer.
+
+An adapter maps a hidden state :math:`h \in \mathbb{R}^d` through a bottleneck of width
+:math:`m \ll d` and adds the result back:
+
+.. math::  A(h) = h + s \cdot W_{up}\, f(W_{down} h + b_{down}) + b_{up}
+
+Placements:
+
+* ``houlsby``: after the attention sublayer's output projection and after the feed-forward
+  sublayer's output projection, before the residual connection and layer norm (Houlsby et al.).
+* ``pfeiffer``: after the feed-forward output only (Pfeiffer et al. 2021, "AdapterFusion").
+* ``parallel``: beside the feed-forward sublayer, reading its input ``x``:
+  :math:`\mathrm{FFN}(x) + s \cdot W_{up} f(W_{down} x)` (He et al. 2022, "Towards a unified view").
+
+``init="near-identity"`` draws :math:`W_{down}` from :math:`N(0, 10^{-2})` and sets
+:math:`W_{up}, b_{up}` to zero, so at step 0 the model computes exactly what the base model does.
+
+Where the adapters go is read from the model's structure, not from per-model code: the repeated
+blocks are the children of the outermost ``nn.ModuleList``\ s; inside a block, linear layers
+under a submodule whose name contains ``attn``/``attention`` form an attention sublayer (its last
+linear layer is the output projection) and the remaining linear layers form the feed-forward
+sublayer (first = its input, last = its output). ``attn_output_modules``, ``ffn_output_modules`` and
+``ffn_input_modules`` name them explicitly where that reading fails.
+
+Houlsby also trained the layer norms of adapted blocks: ``train_layer_norms=True`` gives each
+adapter its own trained copy of every norm in those blocks (saved with the adapter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune import engine
+from deltatune.adapter_layer import AdapterLayer
+from deltatune.config import ConfigError, PeftConfig, PeftType
+from deltatune.registry import Method, register_method
+
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+}
+INITS = ("near-identity", "lora", "random")
+_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class BottleneckConfig(PeftConfig):
+    """Bottleneck adapters.
+
+    Args:
+        reduction_factor: bottleneck width ``m = d // reduction_factor``.
+        bottleneck_size: the width ``m`` itself (takes precedence over ``reduction_factor``).
+        non_linearity: ``relu``, ``gelu``, ``gelu_new``, ``silu``/``swish``, ``tanh`` or ``identity``.
+        placement: ``houlsby``, ``pfeiffer`` or ``parallel`` (see the module docstring).
+        scaling: the factor ``s`` on the adapter's output.
+        init: ``near-identity`` (exact identity at step 0), ``lora`` (Kaiming down, zero up), or
+            ``random`` (non-zero both; for tests).
+        attn_output_modules, ffn_output_modules, ffn_input_modules: module names (exact path or
+            suffix) that override the structural search.
+        train_layer_norms: train a per-adapter copy of the norms in adapted blocks (Houlsby).
+        layers_to_transform, layers_pattern: only these blocks.
+        modules_to_save: modules trained in full next to the adapters (e.g. a classifier head).
+    """
+
+    reduction_factor: int = 16
+    bottleneck_size: int | None = None
+    non_linearity: str = "relu"
+    placement: str = "houlsby"
+    scaling: float = 1.0
+    init: str = "near-identity"
+    attn_output_modules: list[str] | None = None
+    ffn_output_modules: list[str] | None = None
+    ffn_input_modules: list[str] | None = None
+    train_layer_norms: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    always_written: ClassVar[tuple[str, ...]] = PeftConfig.always_written + (
+        "reduction_factor",
+        "bottleneck_size",
+        "non_linearity",
+        "placement",
+        "scaling",
+        "train_layer_norms",
+    )
+
+    def __post_init__(self) -> None:
+        if self.peft_type is None:
+            self.peft_type = PeftType.BOTTLENECK
+        super().__post_init__()
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.non_linearity not in ACTIVATIONS:
+            raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.bottleneck_size is not None and self.bottleneck_size <= 0:
+            raise ConfigError(f"bottleneck_size must be positive, got {self.bottleneck_size}")
+        if self.bottleneck_size is None and (not isinstance(self.reduction_factor, int) or self.reduction_factor <= 0):
+            raise ConfigError(f"reduction_factor must be a positive integer, got {self.reduction_factor!r}")
+
+    def width(self, hidden: int) -> int:
+        return self.bottleneck_size or max(1, hidden // self.reduction_factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertionPoint:
+    """Where one adapter goes: after ``output_path``; a parallel one reads ``input_path``'s input."""
+
+    block: str
+    kind: str  # "attn" or "ffn"
+    output_path: str
+    input_path: str | None = None
+
+
+def _matching(paths: Sequence[str], names: Sequence[str]) -> list[str]:
+    return [p for p in paths if any(p == n or p.endswith("." + n) for n in names)]
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Paths of the repeated transformer blocks: children of the outermost ``nn.ModuleList``\\ s."""
+    linear = engine.linear_types()
+    blocks: list[str] = []
+    for path, module in engine.visible_modules(model):
+        if not isinstance(module, nn.ModuleList) or any(path.startswith(b + ".") for b in blocks):
+            continue
+        children = [f"{path}.{name}" for name, _ in module.named_children()]
+        if any(isinstance(engine.innermost(m), linear) for c in module.children() for m in c.modules()):
+            blocks.extend(children)
+    return blocks
+
+
+def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[InsertionPoint]:
+    """The adapters' places for ``config.placement``; raises with a how-to when the search fails."""
+    linear = engine.linear_types()
+    visible = engine.visible_modules(model)
+    linear_paths = [p for p, m in visible if isinstance(engine.innermost(m), linear)]
+    blocks = find_blocks(model)
+    if config.layers_to_transform is not None:
+        wanted = (
+            {config.layers_to_transform}
+            if isinstance(config.layers_to_transform, int)
+            else set(config.layers_to_transform)
+        )
+        blocks = [b for b in blocks if engine.layer_index(b + ".", config.layers_pattern) in wanted]
+    points: list[InsertionPoint] = []
+    for block in blocks:
+        inside = [p[len(block) + 1 :] for p in linear_paths if p.startswith(block + ".")]
+        attn_groups: dict[str, list[str]] = {}
+        ffn: list[str] = []
+        for rel in inside:
+            parts = rel.split(".")
+            hit = next((i for i, part in enumerate(parts[:-1]) if _ATTENTION_NAME.search(part)), None)
+            if hit is None:
+                ffn.append(rel)
+            else:
+                attn_groups.setdefault(".".join(parts[: hit + 1]), []).append(rel)
+        full = [f"{block}.{rel}" for rel in inside]
+        attn_out = (
+            _matching(full, config.attn_output_modules)
+            if config.attn_output_modules
+            else [f"{block}.{group[-1]}" for group in attn_groups.values()]
+        )
+        ffn_out = (
+            _matching(full, config.ffn_output_modules)
+            if config.ffn_output_modules
+            else ([f"{block}.{ffn[-1]}"] if ffn else [])
+        )
+        ffn_in = (
+            _matching(full, config.ffn_input_modules)
+            if config.ffn_input_modules
+            else ([f"{block}.{ffn[0]}"] if ffn else [])
+        )
+        if not ffn_out:
+            raise engine.TargetModuleError(_search_failed(block, inside, "feed-forward output"))
+        if config.placement == "houlsby":
+            if not attn_out:
+                raise engine.TargetModuleError(_search_failed(block, inside, "attention output"))
+            points += [InsertionPoint(block, "attn", p) for p in attn_out]
+        if config.placement == "parallel":
+            if not ffn_in:
+                raise engine.TargetModuleError(_search_failed(block, inside, "feed-forward input"))
+            points += [InsertionPoint(block, "ffn", p, ffn_in[0]) for p in ffn_out]
+        else:
+            points += [InsertionPoint(block, "ffn", p) for p in ffn_out]
+    if not points:
+        raise engine.TargetModuleError(
+            "found no transformer blocks (children of an nn.ModuleList holding linear layers) in this model"
+            + (f" within layers {config.layers_to_transform}" if config.layers_to_transform is not None else "")
+            + "; name the modules with attn_output_modules= and ffn_output_modules= in BottleneckConfig"
+        )
+    return points
+
+
+def _search_failed(block: str, linears: list[str], what: str) -> str:
+    return (
+        f"could not tell the {what} module in block {block!r} from its structure (linear layers: "
+        f"{', '.join(linears) or 'none'}); name it in BottleneckConfig, e.g. "
+        "attn_output_modules=['self_attn.o_proj'], ffn_output_modules=['mlp.down_proj'], "
+        "ffn_input_modules=['mlp.up_proj']"
+    )
+
+
+class BottleneckLayer(AdapterLayer):
+    """Bottleneck adapters on a sublayer's output projection.
+
+    Several active adapters compose as set by ``composition``: ``"stack"`` feeds each adapter the
+    previous one's output, ``"parallel"`` feeds them all the sublayer's output and adds their updates.
+    """
+
+    containers = ("adapter_down", "adapter_up")
+    nesting = 10
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.activation: dict[str, str] = {}
+        self.reads_block_input: dict[str, bool] = {}
+        self.composition = "stack"
+        self._input_hooks: dict[str, Any] = {}
+        self._block_input: torch.Tensor | None = None
+
+    def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
+        raise TypeError("use add_bottleneck(name, config, hidden, input_module)")
+
+    def add_bottleneck(self, name: str, config: BottleneckConfig, input_module: nn.Module | None) -> None:
+        base = engine.innermost(self.base_layer)
+        weight = base.weight
+        out_features = weight.shape[1] if not isinstance(base, nn.Linear) else weight.shape[0]
+        in_features = out_features
+        if input_module is not None:
+            inner = engine.innermost(input_module)
+            in_features = inner.weight.shape[0] if not isinstance(inner, nn.Linear) else inner.weight.shape[1]
+        width = config.width(out_features)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        down = nn.Linear(in_features, width, device=weight.device, dtype=dtype)
+        up = nn.Linear(width, out_features, device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            if config.init == "near-identity":
+                nn.init.normal_(down.weight, std=1e-2)
+                down.bias.zero_()
+                up.weight.zero_()
+                up.bias.zero_()
+            elif config.init == "lora":
+                up.weight.zero_()
+                up.bias.zero_()
+            else:
+                nn.init.normal_(up.weight, std=1e-1)
+        self.adapter_down[name] = down
+        self.adapter_up[name] = up
+        self.scaling[name] = config.scaling
+        self.activation[name] = config.non_linearity
+        self.reads_block_input[name] = input_module is not None
+        if input_module is not None:
+            self._input_hooks[name] = input_module.register_forward_pre_hook(self._remember_input)
+
+    def _remember_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._block_input = args[0]
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for store in (self.scaling, self.activation, self.reads_block_input):
+            store.pop(name, None)
+        hook = self._input_hooks.pop(name, None)
+        if hook is not None:
+            hook.remove()
+
+    def unwrap(self) -> nn.Module:
+        for hook in self._input_hooks.values():
+            hook.remove()
+        self._input_hooks.clear()
+        return self.base_layer
+
+    def _update(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        z = ACTIVATIONS[self.activation[name]](down(h.to(down.weight.dtype)))
+        return up(z) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        routed = self.routed_adapters()
+        block_input, self._block_input = self._block_input, None
+        if not routed:
+            return result
+        if self.composition == "parallel":
+            total = result
+            for name in routed:
+                source = block_input if self.reads_block_input[name] else result
+                total = total + self._update(name, source).to(result.dtype)
+            return total
+        for name in routed:
+            source = block_input if self.reads_block_input[name] else result
+            result = result + self._update(name, source).to(result.dtype)
+        return result
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        raise ValueError(
+            "bottleneck adapters apply a nonlinearity and cannot be merged into the base weights; "
+            "keep them as modules (unload() removes them)"
+        )
+
+    def unmerge(self) -> None:
+        self.merged_adapters = []
+
+
+def attach_bottleneck(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
+    """Put adapter ``adapter_name`` at every insertion point of ``model``; return the paths."""
+    assert isinstance(config, BottleneckConfig)
+    points = find_insertion_points(model, config)
+    for point in points:
+        input_module = model.get_submodule(point.input_path) if point.input_path else None
+        engine.wrap_targets(
+            model,
+            [point.output_path],
+            BottleneckLayer,
+            lambda layer, _path, source=input_module: layer.add_bottleneck(adapter_name, config, source),
+        )
+    if config.train_layer_norms:
+        blocks = sorted({p.block for p in points})
+        norms = [
+            path
+            for path, module in engine.visible_modules(model)
+            if "norm" in type(engine.innermost(module)).__name__.lower()
+            and any(path.startswith(b + ".") for b in blocks)
+        ]
+        config.modules_to_save = list(dict.fromkeys(list(config.modules_to_save or []) + norms))
+    return [p.output_path for p in points]
+
+
+BOTTLENECK = register_method(Method(PeftType.BOTTLENECK, BottleneckConfig, attach=attach_bottleneck))
