@@ -13,12 +13,35 @@ The wrapper keeps its own routing state, set by :class:`~deltatune.peft_model.Pe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
+
+
+@dataclasses.dataclass
+class RowRouting:
+    """One adapter per batch row (mixed-adapter batches).
+
+    ``index[i]`` is 0 for a row that gets the base model and ``j`` for a row that gets ``names[j-1]``.
+    Layers build per-adapter tensors stacked along a leading axis (entry 0 all zeros, so base rows get
+    no update) and gather them by ``index``: one batched matmul for the whole batch.
+    """
+
+    names: list[str]
+    index: torch.Tensor
+
+    def for_batch(self, batch: int) -> torch.Tensor:
+        """The index for a batch of ``batch`` rows; ``generate`` repeats each row for beams/samples."""
+        rows = self.index.shape[0]
+        if batch == rows:
+            return self.index
+        if batch % rows == 0:
+            return self.index.repeat_interleave(batch // rows)
+        raise ValueError(f"adapter_names has {rows} entries but a layer saw a batch of {batch} rows")
 
 
 class AdapterLayer(nn.Module):
@@ -36,6 +59,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.row_routing: RowRouting | None = None
 
     def __getattr__(self, name: str):
         # Model code reads attributes of the layer it built (T5 reads `self.wo.weight.dtype`):
@@ -151,6 +175,15 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
     # -- routing --------------------------------------------------------------------------------
+    def mixed_rows(self) -> RowRouting | None:
+        """The per-row routing of the current forward, if any (merged adapters cannot be mixed)."""
+        routing = self.row_routing
+        if routing is None or self.disabled:
+            return None
+        if self.merged_adapters:
+            raise RuntimeError("adapters are merged into the weights; unmerge_adapter() before mixed-adapter batches")
+        return routing
+
     def routed_adapters(self) -> list[str]:
         """Adapters whose update the forward must compute: active, present here and not merged."""
         if self.disabled:

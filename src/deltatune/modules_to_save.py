@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from deltatune.adapter_layer import AdapterLayer
+from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import PeftConfig
 
 
@@ -43,6 +43,9 @@ class ModulesToSaveWrapper(AdapterLayer):
         super().load_adapter_state_dict(name, own, where)
 
     def forward(self, *args, **kwargs):
+        routing = self.mixed_rows()
+        if routing is not None:
+            return self._mixed_forward(routing, *args, **kwargs)
         routed = self.routed_adapters()
         if not routed:
             return self.base_layer(*args, **kwargs)
@@ -62,6 +65,16 @@ class ModulesToSaveWrapper(AdapterLayer):
             if base is None:
                 raise
             return getattr(base, name)
+
+    def _mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args, **kwargs):
+        """Each row through its adapter's copy (or the original): one call per adapter in the batch."""
+        index = routing.for_batch(x.shape[0])
+        result = self.base_layer(x, *args, **kwargs)
+        for j, name in enumerate(routing.names, start=1):
+            rows = (index == j).nonzero().squeeze(1)
+            if name in self.modules_to_save and rows.numel():
+                result = result.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs))
+        return result
 
     def routed_adapters(self) -> list[str]:
         if self.disabled:

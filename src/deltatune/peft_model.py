@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deltatune import checkpoint, engine
-from deltatune.adapter_layer import AdapterLayer
+from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import TASK_HEADS, ConfigError, PeftConfig
 from deltatune.modules_to_save import ModulesToSaveWrapper
 from deltatune.prompt_learning import InputAdapter
@@ -325,17 +325,29 @@ class PeftModel(nn.Module):
                 return self.prompt_encoder[name]
         return None
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if "adapter_names" in kwargs:
-            raise NotImplementedError("per-row adapter_names (mixed-adapter batches) are not available yet")
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active adapters.
+
+        ``adapter_names`` (one name per batch row, or ``"__base__"``) runs each row through its own
+        adapter in the same batched call, as if it were alone in the batch.
+        """
+        if adapter_names is not None:
+            with self._rows_routed(adapter_names):
+                return self._model(*args, **kwargs)
         adapter = self._active_input_adapter()
         if adapter is None:
             return self._model(*args, **kwargs)
         kwargs = _bind_arguments(self._model.forward, args, kwargs)
         return self._model(**adapter.prepare_forward(self._model, kwargs))
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``transformers``' ``generate``, with the active prompt or prefix in front of the input."""
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """``transformers``' ``generate``, with the active prompt or prefix in front of the input.
+
+        ``adapter_names`` gives each prompt of the batch its own adapter (or ``"__base__"``).
+        """
+        if adapter_names is not None:
+            with self._rows_routed(adapter_names):
+                return self._model.generate(*args, **kwargs)
         adapter = self._active_input_adapter()
         if adapter is None:
             return self._model.generate(*args, **kwargs)
@@ -351,6 +363,31 @@ class PeftModel(nn.Module):
             return output[:, cut:]
         output.sequences = output.sequences[:, cut:]
         return output
+
+    @contextlib.contextmanager
+    def _rows_routed(self, adapter_names: list[str]) -> Iterator[None]:
+        names = list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE_ROW and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapters {unknown}; adapters: {', '.join(self.peft_config)} "
+                f"(or {BASE_ROW!r} for the base model)"
+            )
+        inputs = sorted({n for n in names if n in self.prompt_encoder})
+        if inputs:
+            raise ValueError(f"mixed-adapter batches take layer adapters only; {inputs} are prompt/prefix adapters")
+        unique = list(dict.fromkeys(n for n in names if n != BASE_ROW))
+        index = torch.tensor([0 if n == BASE_ROW else unique.index(n) + 1 for n in names])
+        layers = list(self._layers())
+        device = next(self._model.parameters()).device
+        routing = RowRouting(unique, index.to(device))
+        for layer in layers:
+            layer.row_routing = routing
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.row_routing = None
 
     # -- counting -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

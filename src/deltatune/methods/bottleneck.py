@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune import engine
-from deltatune.adapter_layer import AdapterLayer
+from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.registry import Method, register_method
 
@@ -295,8 +295,11 @@ class BottleneckLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        routed = self.routed_adapters()
         block_input, self._block_input = self._block_input, None
+        routing = self.mixed_rows()
+        if routing is not None:
+            return self._mixed_forward(result, block_input, routing)
+        routed = self.routed_adapters()
         if not routed:
             return result
         if self.composition == "parallel":
@@ -309,6 +312,47 @@ class BottleneckLayer(AdapterLayer):
             source = block_input if self.reads_block_input[name] else result
             result = result + self._update(name, source).to(result.dtype)
         return result
+
+    def _mixed_forward(
+        self, result: torch.Tensor, block_input: torch.Tensor | None, routing: RowRouting
+    ) -> torch.Tensor:
+        """Each row through its own adapter: per-row gathered weights (bottlenecks zero-padded)."""
+        present = [n for n in routing.names if n in self.adapter_down]
+        if not present:
+            return result
+        activations = {self.activation[n] for n in present}
+        if len(activations) > 1:
+            raise ValueError(f"mixed-adapter batches need one non_linearity across adapters, got {sorted(activations)}")
+        ref = self.adapter_down[present[0]].weight
+        width = max(self.adapter_down[n].out_features for n in present)
+        d_in = self.adapter_down[present[0]].in_features
+        d_out = self.adapter_up[present[0]].out_features
+        zero_down, zero_up = ref.new_zeros(width, d_in), ref.new_zeros(d_out, width)
+        zero_db, zero_ub = ref.new_zeros(width), ref.new_zeros(d_out)
+        downs, ups, down_bias, up_bias, reads_input = [zero_down], [zero_up], [zero_db], [zero_ub], [False]
+        for name in routing.names:
+            if name not in self.adapter_down:
+                downs.append(zero_down), ups.append(zero_up), down_bias.append(zero_db), up_bias.append(zero_ub)
+                reads_input.append(False)
+                continue
+            down, up, scale = self.adapter_down[name], self.adapter_up[name], self.scaling[name]
+            rows = width - down.out_features
+            downs.append(F.pad(down.weight, (0, 0, 0, rows)))
+            down_bias.append(F.pad(down.bias, (0, rows)))
+            ups.append(F.pad(up.weight * scale, (0, rows)))
+            up_bias.append(up.bias * scale)
+            reads_input.append(self.reads_block_input[name])
+        index = routing.for_batch(result.shape[0])
+        source = result.to(ref.dtype)
+        if any(reads_input):
+            chosen = torch.tensor(reads_input, device=index.device)[index]
+            shape = (-1,) + (1,) * (result.dim() - 1)
+            source = torch.where(chosen.view(shape), block_input.to(ref.dtype), source)
+        flat = source.reshape(source.shape[0], -1, source.shape[-1])
+        z = torch.bmm(flat, torch.stack(downs)[index].transpose(1, 2)) + torch.stack(down_bias)[index][:, None]
+        z = ACTIVATIONS[activations.pop()](z)
+        update = torch.bmm(z, torch.stack(ups)[index].transpose(1, 2)) + torch.stack(up_bias)[index][:, None]
+        return result + update.reshape(result.shape).to(result.dtype)
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         raise ValueError(

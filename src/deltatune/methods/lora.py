@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune import engine
-from deltatune.adapter_layer import AdapterLayer
+from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.registry import Method, register_method
 
@@ -253,6 +253,9 @@ class LoraLinear(AdapterLayer):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        routing = self.mixed_rows()
+        if routing is not None:
+            return self._mixed_forward(x, result, routing)
         for name in self.routed_adapters():
             A, B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(A.weight.dtype))
@@ -265,6 +268,56 @@ class LoraLinear(AdapterLayer):
                     update = update + B.bias * scale
                 result = result + update.to(result.dtype)
         return result
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        """Each row gets its own adapter's update: stacked factors, gathered per row, two bmm calls.
+
+        Entry 0 of every stack is zero (base rows); adapters of lower rank are zero-padded to the
+        largest rank, which changes nothing in ``B A``.
+        """
+        present = [n for n in routing.names if n in self.lora_A]
+        if not present:
+            return result
+        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in present):
+            raise RuntimeError("mixed-adapter batches do not apply LoRA dropout; call eval() or use lora_dropout=0")
+        ref = self.lora_A[present[0]].weight
+        rank = max(self.lora_A[n].out_features for n in present)
+        zero_A, zero_B, zero_bias = (
+            ref.new_zeros(rank, self.in_features),
+            ref.new_zeros(self.out_features, rank),
+            ref.new_zeros(self.out_features),
+        )
+        A_rows, B_rows, bias_rows, k_rows = [zero_A], [zero_B], [zero_bias], [ref.new_ones(self.out_features)]
+        for name in routing.names:
+            if name not in self.lora_A:
+                A_rows.append(zero_A), B_rows.append(zero_B), bias_rows.append(zero_bias)
+                k_rows.append(k_rows[0])
+                continue
+            A, B, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            A_rows.append(_pad_rows(A.weight, rank))
+            B_rows.append(_pad_cols(B.weight * scale, rank))
+            bias_rows.append(B.bias * scale if B.bias is not None else zero_bias)
+            if name in self.lora_magnitude_vector:
+                weight = self._weight().to(ref.dtype)
+                with torch.no_grad():
+                    norm = self._row_norm(weight, self._delta(name))
+                k_rows.append(self.lora_magnitude_vector[name] / norm)
+            else:
+                k_rows.append(k_rows[0])
+        index = routing.for_batch(x.shape[0])
+        h = x.to(ref.dtype)
+        lead = h.shape[:-1]
+        h = h.reshape(h.shape[0], -1, self.in_features)
+        low = torch.bmm(h, torch.stack(A_rows)[index].transpose(1, 2))
+        update = torch.bmm(low, torch.stack(B_rows)[index].transpose(1, 2)) + torch.stack(bias_rows)[index][:, None]
+        if any(n in self.lora_magnitude_vector for n in present):
+            k = torch.stack(k_rows)[index][:, None]
+            base_out = result.to(ref.dtype).reshape(update.shape)
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base_out = base_out - bias.to(ref.dtype)
+            update = (k - 1) * base_out + k * update
+        return result + update.reshape(*lead, self.out_features).to(result.dtype)
 
     def _dora_update(self, name: str, x: torch.Tensor, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         A, B, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
@@ -379,10 +432,33 @@ class LoraEmbedding(AdapterLayer):
 
     def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(ids, *args, **kwargs)
+        routing = self.mixed_rows()
+        if routing is not None:
+            return self._mixed_forward(ids, result, routing)
         for name in self.routed_adapters():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             result = result + (self._lookup(ids, A.T) @ (B.T * self.scaling[name])).to(result.dtype)
         return result
+
+    def _mixed_forward(self, ids: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        present = [n for n in routing.names if n in self.lora_embedding_A]
+        if not present:
+            return result
+        ref = self.lora_embedding_A[present[0]]
+        rank = max(self.lora_embedding_A[n].shape[0] for n in present)
+        vocab, dim = self.base_layer.weight.shape
+        zero_A, zero_B = ref.new_zeros(rank, vocab), ref.new_zeros(dim, rank)
+        A_rows, B_rows = [zero_A], [zero_B]
+        for name in routing.names:
+            present_here = name in self.lora_embedding_A
+            A_rows.append(_pad_rows(self.lora_embedding_A[name], rank) if present_here else zero_A)
+            B_rows.append(_pad_cols(self.lora_embedding_B[name] * self.scaling[name], rank) if present_here else zero_B)
+        index = routing.for_batch(ids.shape[0])
+        rows = index.view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
+        low = torch.stack(A_rows).transpose(1, 2)[rows, ids]  # (batch, ..., rank): each row's own table
+        flat = low.reshape(ids.shape[0], -1, rank)
+        update = torch.bmm(flat, torch.stack(B_rows)[index].transpose(1, 2)).reshape(*ids.shape, dim)
+        return result + update.to(result.dtype)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
@@ -405,6 +481,14 @@ class LoraEmbedding(AdapterLayer):
             name = self.merged_adapters.pop()
             with torch.no_grad():
                 weight.sub_(self.get_delta_weight(name).to(weight.dtype))
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return F.pad(tensor, (0, 0, 0, rows - tensor.shape[0]))
+
+
+def _pad_cols(tensor: torch.Tensor, cols: int) -> torch.Tensor:
+    return F.pad(tensor, (0, cols - tensor.shape[1]))
 
 
 def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
