@@ -158,6 +158,23 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._sync_layers()
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        **options: Any,
+    ) -> None:
+        """Add a new adapter that combines existing ones (see the method's ``combine``, e.g. LoRA's)."""
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"no adapters named {missing}; adapters: {', '.join(self.peft_config)}")
+        method = get_method(self.peft_config[adapters[0]].peft_type)
+        if method.combine is None:
+            raise ValueError(f"{method.peft_type} adapters cannot be combined with add_weighted_adapter")
+        method.combine(self, adapters, weights, adapter_name, combination_type=combination_type, **options)
+
     def _attach_modules_to_save(self, adapter_name: str, names: list[str] | None) -> None:
         if not names:
             return

@@ -28,12 +28,15 @@ class Method:
             target modules of ``model`` in place and returns their paths.
         input_adapter: for input methods (prompt, prefix), ``input_adapter(model, config)`` builds
             the :class:`~deltatune.prompt_learning.InputAdapter` that rewrites forward inputs.
+        combine: ``combine(peft_model, adapters, weights, adapter_name, **options)`` adds a weighted
+            combination of existing adapters (``PeftModel.add_weighted_adapter``), where defined.
     """
 
     peft_type: PeftType
     config_class: type[PeftConfig]
     attach: Callable[[nn.Module, str, PeftConfig], list[str]] | None = None
     input_adapter: Callable[[nn.Module, PeftConfig], nn.Module] | None = None
+    combine: Callable[..., None] | None = None
 
 
 _METHODS: dict[str, Method] = {}

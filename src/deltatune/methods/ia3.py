@@ -26,7 +26,6 @@ PEFT's saved config would not load back in PEFT (its ``feedforward_modules`` mus
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import logging
 import re
@@ -59,11 +58,6 @@ DEFAULT_TARGET_CANDIDATES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("k_proj", "v_proj"), "fc_out"),  # GPT-J
     (("k_proj", "v_proj"), "mlp.c_proj"),  # GPT-Neo
 )
-
-# Set while a config is read from a file: PEFT itself saves configs whose feedforward_modules are
-# not a subset of target_modules (it fills them in from a per-model table), which still mean
-# something clear; reading them warns instead of failing.
-_READING: contextvars.ContextVar[str | None] = contextvars.ContextVar("ia3_reading", default=None)
 
 
 @dataclasses.dataclass
@@ -125,22 +119,29 @@ class IA3Config(PeftConfig):
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             outside = [m for m in self.feedforward_modules if m not in self.target_modules]
             if outside:
-                message = (
+                raise ConfigError(
                     f"feedforward_modules must be a subset of target_modules; {outside} "
-                    f"{'is' if len(outside) == 1 else 'are'} not in target_modules {self.target_modules}"
+                    f"{'is' if len(outside) == 1 else 'are'} not in target_modules {self.target_modules}: "
+                    "add them to target_modules or drop them"
                 )
-                source = _READING.get()
-                if source is None:
-                    raise ConfigError(message + ": add them to target_modules or drop them")
-                logger.warning("%s: %s (entries that name no target are unused)", source, message)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PeftConfig:
-        token = _READING.set(source)
-        try:
-            return super().from_dict(data, source=source)
-        finally:
-            _READING.reset(token)
+        """Also reads what PEFT writes when it fills ``feedforward_modules`` in from its per-model
+        table: entries outside ``target_modules``, which PEFT itself then refuses to load. Such a
+        list becomes the regex that means the same (PEFT's list rule is "the path ends with it")."""
+        targets, feedforward = data.get("target_modules"), data.get("feedforward_modules")
+        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+            logger.warning(
+                "%s: feedforward_modules %s is not a subset of target_modules %s (PEFT fills it in from a "
+                "per-model table); reading it as the equivalent regex",
+                source,
+                feedforward,
+                targets,
+            )
+            regex = ".*(?:" + "|".join(re.escape(entry) for entry in feedforward) + ")"
+            data = {**data, "feedforward_modules": regex}
+        return super().from_dict(data, source=source)
 
 
 def _suffix_match(path: str, entry: str) -> bool:
@@ -220,7 +221,7 @@ class IA3Linear(AdapterLayer):
         """Adapter ``name``'s vector shaped to broadcast over the base weight in its own layout."""
         vector = self.ia3_l[name].detach().flatten()
         # In (out, in) layout an output vector scales rows and an input vector columns; Conv1D is (in, out).
-        scales_rows = (not self.is_feedforward[name]) != self.fan_in_fan_out
+        scales_rows = not self.is_feedforward[name]
         return vector[:, None] if scales_rows else vector[None, :]
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
