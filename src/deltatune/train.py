@@ -1,0 +1,425 @@
+"""The training loop: batches, schedule, evaluation, checkpoints, resume, several processes.
+
+Batches are planned from the seed alone: epoch ``e`` shuffles the examples with seed ``seed + e``,
+groups them by length in windows (less padding), and cuts global batches of
+``batch_size * grad_accum * world_size`` examples. A global batch is split into accumulation
+micro-steps and, within each, into one slice per process. Losses are sums normalised by the
+units (label tokens or examples) of the whole global batch, so one process, several processes and
+gradient accumulation all compute the same gradients for the same global batch.
+
+A checkpoint (every ``save_every`` steps, on Ctrl-C and at the end) holds the trained tensors, the
+optimizer state and the RNG state in safetensors plus a JSON file with the step: the data
+position follows from the step, so ``resume`` continues exactly where the run stopped. Checkpoints
+are written to a temporary folder and renamed, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltatune.checkpoint import atomic_write_bytes
+from deltatune.peft_model import PeftModel
+from deltatune.tasks import Example, Task
+
+LATEST = "checkpoint-latest"
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Hyperparameters and run options (the CLI's ``train`` flags)."""
+
+    output: Path
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.05  # a fraction of the steps when < 1, else a number of steps
+    schedule: str = "linear"  # linear | cosine | constant
+    weight_decay: float = 0.0
+    clip: float | None = 1.0
+    seed: int = 0
+    eval_every: int | None = None
+    save_every: int | None = None
+    eval_batch_size: int = 32
+    log_every: int = 1
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be at least 1")
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        """torchrun's environment; initialises the process group (gloo on CPU, NCCL on GPU)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def all_sum(self, value: Any) -> Any:
+        if self.world == 1:
+            return value
+        if isinstance(value, dict):
+            return {k: self.all_sum(v) for k, v in value.items()}
+        tensor = (
+            value.clone().double()
+            if isinstance(value, torch.Tensor)
+            else torch.tensor(float(value), dtype=torch.double)
+        )
+        dist.all_reduce(tensor)
+        if isinstance(value, torch.Tensor):
+            return tensor.to(value.dtype)
+        return int(tensor.item()) if isinstance(value, int) else float(tensor.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def learning_rate(step: int, total: int, args: TrainArgs) -> float:
+    """The rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    warmup = int(args.warmup * total) if args.warmup < 1 else int(args.warmup)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.schedule == "constant":
+        return args.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * max(0.0, 1 - progress)
+
+
+def plan_epoch(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, group: bool) -> list[list[int]]:
+    """The global batches of one epoch, as example indices; deterministic in (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = order[: len(order) - len(order) % global_batch]  # only full global batches
+    if not group:
+        return [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+    window = global_batch * 32
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + global_batch] for i in range(0, len(chunk), global_batch)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+class Trainer:
+    """Trains ``model`` (a PeftModel, or a plain model for full fine-tuning) on ``task``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train: list[Example],
+        args: TrainArgs,
+        evaluation: list[Example] | None = None,
+        distributed: Distributed | None = None,
+        progress: Callable[..., Any] | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        self.model, self.task, self.train_examples, self.args = model, task, train, args
+        self.eval_examples = evaluation
+        self.dist = distributed or Distributed()
+        self.progress = progress
+        self.global_batch = args.batch_size * args.grad_accum * self.dist.world
+        if len(train) < self.global_batch:
+            raise ValueError(
+                f"{len(train)} training examples are fewer than one global batch of {self.global_batch} "
+                "(batch size x accumulation x processes)"
+            )
+        self.steps_per_epoch = len(train) // self.global_batch  # a short last batch is dropped
+        self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.steps_per_epoch))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.engine = wrap(model) if wrap is not None else model
+        self.step = 0
+        self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self._plans: dict[int, list[list[int]]] = {}
+
+    # -- data -------------------------------------------------------------------------------------
+    def _global_batch(self, step: int) -> list[Example]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch not in self._plans:
+            lengths = [len(e.input_ids) for e in self.train_examples]
+            self._plans = {
+                epoch: plan_epoch(lengths, self.global_batch, self.args.seed, epoch, self.args.group_by_length)
+            }
+        return [self.train_examples[i] for i in self._plans[epoch][index]]
+
+    def _micro_batches(self, examples: list[Example]) -> list[list[Example]]:
+        """This process's slice of each accumulation micro-step."""
+        per_micro = self.args.batch_size * self.dist.world
+        micro = [examples[i : i + per_micro] for i in range(0, len(examples), per_micro)]
+        size = self.args.batch_size
+        return [m[self.dist.rank * size : (self.dist.rank + 1) * size] for m in micro]
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def train_step(self) -> float:
+        examples = self._global_batch(self.step)
+        units = sum(e.units for e in examples)
+        lr = learning_rate(self.step, self.total_steps, self.args)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train()
+        loss_total = 0.0
+        micro_batches = self._micro_batches(examples)
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            batch = self.task.collate(micro)
+            self.train_tokens += batch["tokens"]
+            loss = self.task.loss_sum(self.engine, batch) / units
+            sync = self.engine.no_sync() if hasattr(self.engine, "no_sync") and not last else _null_context()
+            with sync:
+                (loss * self.dist.world).backward()  # DDP averages over processes; the loss is a global sum
+            loss_total += float(loss.detach())
+        if self.args.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return self.dist.all_sum(loss_total)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example], model: nn.Module | None = None) -> dict[str, float]:
+        return evaluate(model or self.model, self.task, examples, self.args.eval_batch_size, self.dist)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        if self.args.resume:
+            self.load_checkpoint()
+        started = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                self.train_seconds += time.perf_counter() - t0
+                record = {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": self.train_tokens * self.dist.world / max(self.train_seconds, 1e-9),
+                    "elapsed_s": time.perf_counter() - started,
+                }
+                self._log(record)
+                if self.args.eval_every and self.step % self.args.eval_every == 0 and self.step < self.total_steps:
+                    self._evaluate_and_keep_best()
+                if self.args.save_every and self.step % self.args.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
+        if self.eval_examples:
+            self._evaluate_and_keep_best()
+        self.save_checkpoint()
+        return {"steps": self.step, "train_seconds": self.train_seconds, "train_tokens": self.train_tokens}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.dist.main:
+            with open(self.args.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.progress is not None:
+            self.progress(record, self.total_steps)
+
+    def _evaluate_and_keep_best(self) -> dict[str, float]:
+        metrics = self.evaluate(self.eval_examples)
+        record = {"step": self.step, "split": "validation", **metrics}
+        self._log(record)
+        value = metrics[self.task.main_metric]
+        better = self.best is None or (value > self.best if self.task.higher_is_better else value < self.best)
+        if better:
+            self.best = value
+            if self.dist.main:
+                save_trained(self.model, self.args.output / "best")
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.main:
+            self.dist.barrier()
+            return None
+        output = self.args.output
+        name = f"checkpoint-{self.step}"
+        final = output / name
+        tmp = output / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_trained(self.model, tmp / "trained")
+        tensors, meta = _optimizer_to_flat(self.optimizer.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {
+            "step": self.step,
+            "best": self.best,
+            "train_tokens": self.train_tokens,
+            "train_seconds": self.train_seconds,
+            "optimizer": meta,
+            "python_random": repr(random.getstate()),
+            "global_batch": self.global_batch,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_bytes(output / LATEST, name.encode())
+        for old in output.glob("checkpoint-*"):
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def load_checkpoint(self) -> bool:
+        pointer = self.args.output / LATEST
+        if not pointer.is_file():
+            return False
+        folder = self.args.output / pointer.read_text().strip()
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"{folder} was trained with a global batch of {state['global_batch']}, this run has "
+                f"{self.global_batch}; resume with the same batch size, accumulation and process count"
+            )
+        load_trained(self.model, folder / "trained")
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        self.optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
+        self.step, self.best = state["step"], state["best"]
+        self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
+        return True
+
+
+def evaluate(model: nn.Module, task: Task, examples: list[Example], batch_size: int, distributed: Distributed) -> dict:
+    """Metrics of ``task`` over ``examples``, split across processes; batches grouped by length."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    mine = order[distributed.rank :: distributed.world]
+    totals: dict[str, Any] = {}
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            batch = task.collate([examples[i] for i in mine[start : start + batch_size]])
+            for key, value in task.eval_sums(model, batch).items():
+                totals[key] = totals[key] + value if key in totals else value
+    model.train(was_training)
+    return task.metrics(distributed.all_sum(totals))
+
+
+def save_trained(model: nn.Module, directory: Path) -> None:
+    """The trained tensors: the adapters of a PeftModel, or a fully fine-tuned model's weights."""
+    if isinstance(model, PeftModel):
+        model.save_pretrained(directory)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(_drop_shared(state), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_trained(model: nn.Module, directory: Path) -> None:
+    if isinstance(model, PeftModel):
+        for name in model.peft_config:
+            folder = directory if name == "default" else directory / name
+            model._load_weights(folder, name, allow_pickle=False)
+        return
+    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+
+
+def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[int, str] = {}
+    out = {}
+    for key, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            continue
+        seen[pointer] = key
+        out[key] = tensor
+    return out
+
+
+def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    entries: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        entries.setdefault(int(index), {})[name] = tensor
+    for index, values in meta["scalars"].items():
+        entries.setdefault(int(index), {}).update(values)
+    return {"state": entries, "param_groups": meta["param_groups"]}
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not hasattr(inner, "gradient_checkpointing_enable"):
+        raise ValueError(f"{type(inner).__name__} does not support gradient checkpointing")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "enable_input_require_grads"):
+        inner.enable_input_require_grads()  # frozen embeddings: keep a graph through the checkpoints
+    if getattr(inner, "config", None) is not None:
+        inner.config.use_cache = False
+
+
+def peak_memory_mib() -> float:
+    """Peak memory of this process: the CUDA allocator's peak on GPU, else the peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
