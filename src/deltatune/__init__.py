@@ -3,7 +3,14 @@
 from deltatune.checkpoint import CheckpointError
 from deltatune.config import ConfigError, PeftConfig, PeftType, TaskType
 from deltatune.engine import TargetModuleError
-from deltatune.methods import BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from deltatune.methods import (
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
 from deltatune.peft_model import (
     Parallel,
     PeftModel,
@@ -25,6 +32,7 @@ __all__ = [
     "Stack",
     "CheckpointError",
     "ConfigError",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

@@ -1,8 +1,16 @@
 """One module per method: its config, its layer and the rule that attaches it (see ``registry``)."""
 
 from deltatune.methods.bottleneck import BottleneckConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 
-__all__ = ["BottleneckConfig", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig"]
+__all__ = [
+    "BottleneckConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+]

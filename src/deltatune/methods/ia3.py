@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from deltatune import engine
-from deltatune.adapter_layer import AdapterLayer
+from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.registry import Method, register_method
 
@@ -80,8 +80,8 @@ class IA3Config(PeftConfig):
         init_ia3_weights: True starts every vector at 1 (the base model exactly); False draws them
             from N(0, 1) (the adapter changes outputs from the start; for tests).
         layers_to_transform, layers_pattern: restrict to these layer indices. PEFT's (IA)³ lacks
-            these fields; it ignores them on load and adapts every layer, which computes the same
-            as long as the other layers' vectors start at 1 (``init_ia3_weights=True``).
+            these fields (it ignores them on load, with a warning), so the saved ``target_modules``
+            lists the adapted modules' paths.
     """
 
     target_modules: list[str] | str | None = None
@@ -205,6 +205,9 @@ class IA3Linear(AdapterLayer):
         return scale_in, scale_out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = self.mixed_rows()
+        if routing is not None:
+            return self._mixed_forward(routing, x, *args, **kwargs)
         routed = self.routed_adapters()
         if not routed:
             return self.base_layer(x, *args, **kwargs)
@@ -216,12 +219,34 @@ class IA3Linear(AdapterLayer):
             result = (result.to(scale_out.dtype) * scale_out).to(result.dtype)
         return result
 
+    def _mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each batch row scaled by its own adapter's vectors: stacked (row 0 all ones), gathered by row."""
+        index = routing.for_batch(x.shape[0])
+
+        def per_row(feedforward: bool, size: int) -> torch.Tensor | None:
+            names = [n for n in routing.names if n in self.ia3_l and self.is_feedforward[n] == feedforward]
+            if not names:
+                return None
+            ones = self.ia3_l[names[0]].new_ones(size)
+            rows = [ones] + [self.ia3_l[n].flatten() if n in names else ones for n in routing.names]
+            scale = torch.stack(rows)[index]  # (batch, size)
+            return scale.view(scale.shape[0], *([1] * (x.dim() - 2)), size)
+
+        scale_in = per_row(True, self.in_features)
+        if scale_in is not None:
+            x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        scale_out = per_row(False, self.out_features)
+        if scale_out is not None:
+            result = (result.to(scale_out.dtype) * scale_out).to(result.dtype)
+        return result
+
     # -- merging --------------------------------------------------------------------------------
     def _weight_scale(self, name: str) -> torch.Tensor:
         """Adapter ``name``'s vector shaped to broadcast over the base weight in its own layout."""
         vector = self.ia3_l[name].detach().flatten()
         # In (out, in) layout an output vector scales rows and an input vector columns; Conv1D is (in, out).
-        scales_rows = not self.is_feedforward[name]
+        scales_rows = (not self.is_feedforward[name]) != self.fan_in_fan_out
         return vector[:, None] if scales_rows else vector[None, :]
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
@@ -269,11 +294,7 @@ class IA3Linear(AdapterLayer):
 # -- injection -----------------------------------------------------------------------------------
 def default_targets(model: nn.Module, wrappable: tuple[type[nn.Module], ...]) -> tuple[list[str], str] | None:
     """The first conventional (keys/values, feed-forward) group every entry of which names a module."""
-    paths = [
-        name
-        for name, module in engine.visible_modules(model)
-        if isinstance(module.base_layer if isinstance(module, AdapterLayer) else module, wrappable)
-    ]
+    paths = [name for name, module in engine.visible_modules(model) if isinstance(engine.innermost(module), wrappable)]
     for attention, feedforward in DEFAULT_TARGET_CANDIDATES:
         group = [*attention, feedforward]
         if all(any(_suffix_match(path, entry) for path in paths) for entry in group):
@@ -285,7 +306,7 @@ def _wrappable_names(model: nn.Module, wrappable: tuple[type[nn.Module], ...]) -
     names: list[str] = []
     for name, module in engine.visible_modules(model):
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, wrappable) and leaf not in names:
+        if isinstance(engine.innermost(module), wrappable) and leaf not in names:
             names.append(leaf)
     return names
 
@@ -347,23 +368,24 @@ def attach_ia3(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[
 
     # Record what was resolved, in a form PEFT reads back to the same adapter.
     ff_paths = [p for p in paths if is_feedforward(config.feedforward_modules, p)]
-    if isinstance(config.target_modules, str) and config.target_modules.lower() in ("all-linear", "all_linear"):
-        config.target_modules = sorted(paths)  # what PEFT writes, and a base for the subset rule
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() in (
+        "all-linear",
+        "all_linear",
+    )
+    if all_linear or config.layers_to_transform is not None:
+        # The paths themselves: what PEFT writes for "all-linear", and PEFT's (IA)³ has no layers_to_transform.
+        config.target_modules = sorted(paths)
     targets, feedforward = config.target_modules, config.feedforward_modules
     if isinstance(targets, list) and isinstance(feedforward, list) and any(e not in targets for e in feedforward):
         config.feedforward_modules = _saved_feedforward(targets, paths, ff_paths)
     # The layer reads the weight layout from the module type; the config records it, as PEFT does.
-    kinds = {isinstance(_inner(model.get_submodule(p)), nn.Linear) for p in paths}
+    kinds = {isinstance(engine.innermost(model.get_submodule(p)), nn.Linear) for p in paths}
     if len(kinds) == 1:
         fan_in_fan_out = not kinds.pop()
         if config.fan_in_fan_out and not fan_in_fan_out:
             logger.warning("fan_in_fan_out=True, but the target modules are nn.Linear (weight stored (out, in))")
         config.fan_in_fan_out = fan_in_fan_out
     return paths
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
 IA3 = register_method(Method(peft_type=PeftType.IA3, config_class=IA3Config, attach=attach_ia3))
