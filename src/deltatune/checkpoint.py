@@ -131,10 +131,16 @@ def adapter_state_dict(
     state: dict[str, torch.Tensor] = {}
     for path, layer in engine.adapter_layers(model):
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
-            state[f"{prefix}{engine.checkpoint_path(path)}.{key}"] = tensor
+            state[f"{prefix}{engine.checkpoint_path(path)}.{key}"] = _whole(tensor)
     for name, param in trained_base_parameters(model, bias, adapter_name).items():
-        state[prefix + name] = param.detach()
+        state[prefix + name] = _whole(param)
     return state
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from an FSDP-sharded one (a collective call: every process must save)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def load_adapter_state_dict(model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor], source: str) -> None:

@@ -126,7 +126,7 @@ def data_options(f: Any) -> Any:
 @config_option
 @model_options
 @click.option("--method", type=click.Choice(METHODS), default="lora", help="What to train.")
-@click.option("--r", default=16, help="LoRA/DoRA rank.")
+@click.option("--r", "--rank", "r", default=16, help="LoRA/DoRA rank (use --rank under torchrun: --r clashes).")
 @click.option("--alpha", default=32.0, help="LoRA/DoRA alpha (scale alpha/r).")
 @click.option("--dropout", default=0.0, help="LoRA dropout.")
 @click.option(

@@ -435,8 +435,6 @@ class PeftModel(nn.Module):
 
         ``safe_serialization=False`` is accepted for API compatibility but still writes safetensors.
         """
-        if not is_main_process:
-            return
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"{directory} is a file; save_pretrained needs a directory")
@@ -450,6 +448,8 @@ class PeftModel(nn.Module):
             state = checkpoint.adapter_state_dict(self._model, name, getattr(config, "bias", "none"), prefix)
             if name in self.prompt_encoder:
                 state.update(self.prompt_encoder[name].adapter_state_dict())
+            if not is_main_process:  # it still took part in gathering sharded tensors above
+                continue
             checkpoint.save_tensors(state, target / checkpoint.WEIGHTS_NAME)
             config.save_pretrained(target)
 

@@ -254,18 +254,18 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
             "change": forgetting_after - forgetting_before,
         },
     }
+    _export_final(trained, output, dist_env.main)  # every process: sharded tensors are gathered
     if dist_env.main:
-        _export_final(trained, output)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(output / "metrics.jsonl", output / "curves.png")
         print_summary(summary)
     return summary
 
 
-def _export_final(model: nn.Module, output: Path) -> None:
+def _export_final(model: nn.Module, output: Path, main: bool) -> None:
     from deltatune.train import save_trained
 
-    save_trained(model, output / "adapter")
+    save_trained(model, output / "adapter", main=main)
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
@@ -319,13 +319,25 @@ def _wrapper(options: dict[str, Any], distributed: Distributed) -> Any:
             logger.warning("--fsdp needs several processes (torchrun); training on one process without it")
         return None
     if options["fsdp"]:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return lambda module: FullyShardedDataParallel(module, use_orig_params=True)
+        return shard_with_fsdp
     from torch.nn.parallel import DistributedDataParallel
 
     device = [distributed.local_rank] if torch.cuda.is_available() else None
     return lambda module: DistributedDataParallel(module, device_ids=device)
+
+
+def shard_with_fsdp(model: nn.Module) -> nn.Module:
+    """FSDP2: each transformer block is its own shard unit, then the root (gloo on CPU, NCCL on GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (torch.distributed.get_world_size(),))
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def _short(metrics: dict[str, float]) -> str:

@@ -163,13 +163,13 @@ class Trainer:
             )
         self.steps_per_epoch = len(train) // self.global_batch  # a short last batch is dropped
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.steps_per_epoch))
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.engine = wrap(model) if wrap is not None else model  # FSDP replaces the parameters: wrap first
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
-        if args.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        self.engine = wrap(model) if wrap is not None else model
         self.step = 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -271,23 +271,24 @@ class Trainer:
         better = self.best is None or (value > self.best if self.task.higher_is_better else value < self.best)
         if better:
             self.best = value
-            if self.dist.main:
-                save_trained(self.model, self.args.output / "best")
+            save_trained(self.model, self.args.output / "best", main=self.dist.main)
         return metrics
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        if not self.dist.main:
-            self.dist.barrier()
-            return None
+        """Every process takes part (sharded tensors are gathered); the main process writes."""
         output = self.args.output
         name = f"checkpoint-{self.step}"
         final = output / name
         tmp = output / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_trained(self.model, tmp / "trained")
+        if self.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        save_trained(self.model, tmp / "trained", main=self.dist.main)
         tensors, meta = _optimizer_to_flat(self.optimizer.state_dict())
+        if not self.dist.main:
+            self.dist.barrier()
+            return None
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {
@@ -320,6 +321,8 @@ class Trainer:
                 f"{folder} was trained with a global batch of {state['global_batch']}, this run has "
                 f"{self.global_batch}; resume with the same batch size, accumulation and process count"
             )
+        if any(hasattr(p, "full_tensor") for p in self.params):
+            raise ValueError("resuming an FSDP run is not supported yet; resume it without --fsdp")
         load_trained(self.model, folder / "trained")
         tensors = load_file(str(folder / "optimizer.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
@@ -345,14 +348,24 @@ def evaluate(model: nn.Module, task: Task, examples: list[Example], batch_size: 
     return task.metrics(distributed.all_sum(totals))
 
 
-def save_trained(model: nn.Module, directory: Path) -> None:
-    """The trained tensors: the adapters of a PeftModel, or a fully fine-tuned model's weights."""
+def save_trained(model: nn.Module, directory: Path, main: bool = True) -> None:
+    """The trained tensors: the adapters of a PeftModel, or a fully fine-tuned model's weights.
+
+    Every process calls this (FSDP-sharded tensors are gathered collectively); ``main`` writes.
+    """
     if isinstance(model, PeftModel):
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, is_main_process=main)
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(_drop_shared(state), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    state = {k: full_tensor(v).contiguous().clone() for k, v in model.state_dict().items()}
+    if main:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(_drop_shared(state), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from an FSDP-sharded one (a collective call), or the tensor itself."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def load_trained(model: nn.Module, directory: Path) -> None:
@@ -382,7 +395,7 @@ def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+                tensors[f"state.{index}.{key}"] = full_tensor(value).contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
