@@ -202,8 +202,20 @@ class InputAdapter(nn.Module):
         raise NotImplementedError
 
 
+def shift_length_limits(kwargs: dict[str, Any], count: int, model: nn.Module) -> None:
+    """``max_length``/``min_length`` count real tokens: add the ``count`` placeholders cut off later."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if kwargs.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
+        kwargs["max_length"] = kwargs.get("max_length", getattr(config, "max_length", 20)) + count
+    for name in ("min_length",):
+        value = kwargs.get(name, getattr(config, name, 0))
+        if value:
+            kwargs[name] = value + count
+
+
 def dummy_prefix(kwargs: dict[str, Any], count: int, model: nn.Module) -> None:
     """Put ``count`` placeholder ids (and mask ones) in front of a decoder-only generate call."""
+    shift_length_limits(kwargs, count, model)
     ids = kwargs["input_ids"]
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     kwargs["input_ids"] = prepend(ids, count, pad if isinstance(pad, int) else 0)

@@ -40,6 +40,7 @@ from deltatune.prompt_learning import (
     dummy_prefix,
     is_encoder_decoder,
     prepend,
+    shift_length_limits,
 )
 from deltatune.registry import Method, register_method
 
@@ -180,6 +181,7 @@ class PrefixEncoder(InputAdapter):
             if decoder_ids is None:
                 decoder_ids = torch.full((batch, 1), start, dtype=ids.dtype, device=ids.device)
             kwargs["decoder_input_ids"] = prepend(decoder_ids, n, start)
+            shift_length_limits(kwargs, n, model)
             kwargs["decoder_attention_mask"] = torch.ones_like(kwargs["decoder_input_ids"])
         else:
             dummy_prefix(kwargs, n, model)
