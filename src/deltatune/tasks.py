@@ -20,6 +20,7 @@ gradients whether a batch is split over accumulation steps or processes or not.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -153,8 +154,31 @@ class Task:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+BATCH_ONLY = ("units", "tokens", "targets", "target_tokens", "lm_labels", "shared_prefix", "rest_ids", "rest_mask")
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in batch.items() if k not in ("units", "tokens", "targets", "target_tokens", "lm_labels")}
+    return {k: v for k, v in batch.items() if k not in BATCH_ONLY}
+
+
+def _unwrapped(model: Any) -> Any:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _base_forward(model: Any) -> Any:
+    inner = _unwrapped(model)
+    return inner.get_base_model().forward if hasattr(inner, "get_base_model") else inner.forward
+
+
+def _plain_forward(model: Any) -> bool:
+    """True when the model's inputs reach the base model unchanged (no prompt/prefix adapter, no FSDP)."""
+    inner = _unwrapped(model)
+    if hasattr(model, "unshard"):
+        return False
+    active_input = getattr(inner, "_active_input_adapter", None)
+    return active_input is None or active_input() is None
 
 
 class ClassificationMetrics:
@@ -210,6 +234,7 @@ class LabelGeneration(Task):
         self.system = system
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.answers, self.answer_ids = self._answer_tokens()
+        self.shared_prefix = self._shared_prefix()
 
     def prompt(self, text: str) -> str:
         content = self.instruction.format(text=text.strip())
@@ -237,6 +262,14 @@ class LabelGeneration(Task):
             "rename the labels so that their first tokens differ"
         )
 
+    def _shared_prefix(self) -> list[int]:
+        """The tokens every prompt starts with (system turn, instruction): computed once per batch."""
+        one, two = (self.tokenizer(self.prompt(t), add_special_tokens=False)["input_ids"] for t in ("Alpha", "Zulu"))
+        common = 0
+        while common < min(len(one), len(two)) and one[common] == two[common]:
+            common += 1
+        return one[: max(0, common - 1)]  # one token less: the text may merge with the last one
+
     def encode_one(self, record: dict[str, Any], where: str) -> Example | None:
         target = self.labels.index(record[self.label_column], where)
         ids = self.tokenizer(self.prompt(str(record[self.text_column])), add_special_tokens=False)["input_ids"]
@@ -248,10 +281,42 @@ class LabelGeneration(Task):
         batch = super().collate(examples)
         batch["targets"] = torch.tensor([e.target for e in examples])
         batch["target_tokens"] = torch.tensor([self.answer_ids[e.target] for e in examples])
+        p = len(self.shared_prefix)
+        if p and all(e.input_ids[:p] == self.shared_prefix for e in examples):
+            batch["shared_prefix"] = torch.tensor([self.shared_prefix])
+            batch["rest_ids"] = self._pad([e.input_ids[p:] for e in examples], self.pad_id)
+            batch["rest_mask"] = self._pad([[1] * (len(e.input_ids) - p) for e in examples], 0)
         return batch
 
     def _logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        if "shared_prefix" in batch and _plain_forward(model):
+            return self._logits_with_shared_prefix(model, batch)
         return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1].float()
+
+    def _logits_with_shared_prefix(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """Run the prompt prefix every example shares once, then each example's own tokens on its cache.
+
+        Positions follow the attention mask (``p + cumsum(mask) - 1``), so a left-padded row computes
+        what it would alone; gradients flow into the shared prefix's keys and values too.
+        """
+        prefix, rest, rest_mask = batch["shared_prefix"], batch["rest_ids"], batch["rest_mask"]
+        p = prefix.shape[1]
+        inner = getattr(model, "module", model)  # run the prefix outside DDP: one DDP forward per backward
+        cache = inner(input_ids=prefix, use_cache=True)
+        cache = cache["cache"] if "cache" in cache else cache["past_key_values"]
+        cache.batch_repeat_interleave(rest.shape[0])
+        mask = torch.cat([torch.ones(rest.shape[0], p, dtype=rest_mask.dtype), rest_mask], dim=1)
+        positions = (p + rest_mask.cumsum(-1) - 1).clamp(min=p)
+        name = "cache" if "cache" in inspect.signature(_base_forward(model)).parameters else "past_key_values"
+        out = model(
+            input_ids=rest,
+            attention_mask=mask,
+            position_ids=positions,
+            logits_to_keep=1,
+            use_cache=True,
+            **{name: cache},
+        )
+        return out.logits[:, -1].float()
 
     def loss_sum(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         return F.cross_entropy(self._logits(model, batch), batch["target_tokens"], reduction="sum")
