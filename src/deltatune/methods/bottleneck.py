@@ -3,7 +3,7 @@ r"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 20
 An adapter maps a hidden state :math:`h \in \mathbb{R}^d` through a bottleneck of width
 :math:`m \ll d` and adds the result back:
 
-.. math::  A(h) = h + s \cdot W_{up}\, f(W_{down} h + b_{down}) + b_{up}
+.. math::  A(h) = h + s \cdot \big(W_{up}\, f(W_{down} h + b_{down}) + b_{up}\big)
 
 Placements:
 
@@ -151,6 +151,9 @@ def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[In
     visible = engine.visible_modules(model)
     linear_paths = [p for p, m in visible if isinstance(engine.innermost(m), linear)]
     blocks = find_blocks(model)
+    named = config.attn_output_modules or config.ffn_output_modules
+    if not blocks and named:
+        blocks = [""]  # no repeated blocks, but the modules are named: take them from the whole model
     if config.layers_to_transform is not None:
         wanted = (
             {config.layers_to_transform}
@@ -160,7 +163,8 @@ def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[In
         blocks = [b for b in blocks if engine.layer_index(b + ".", config.layers_pattern) in wanted]
     points: list[InsertionPoint] = []
     for block in blocks:
-        inside = [p[len(block) + 1 :] for p in linear_paths if p.startswith(block + ".")]
+        head = f"{block}." if block else ""
+        inside = [p[len(head) :] for p in linear_paths if p.startswith(head)]
         attn_groups: dict[str, list[str]] = {}
         ffn: list[str] = []
         for rel in inside:
@@ -170,21 +174,21 @@ def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[In
                 ffn.append(rel)
             else:
                 attn_groups.setdefault(".".join(parts[: hit + 1]), []).append(rel)
-        full = [f"{block}.{rel}" for rel in inside]
+        full = [f"{head}{rel}" for rel in inside]
         attn_out = (
             _matching(full, config.attn_output_modules)
             if config.attn_output_modules
-            else [f"{block}.{group[-1]}" for group in attn_groups.values()]
+            else [f"{head}{group[-1]}" for group in attn_groups.values()]
         )
         ffn_out = (
             _matching(full, config.ffn_output_modules)
             if config.ffn_output_modules
-            else ([f"{block}.{ffn[-1]}"] if ffn else [])
+            else ([f"{head}{ffn[-1]}"] if ffn else [])
         )
         ffn_in = (
             _matching(full, config.ffn_input_modules)
             if config.ffn_input_modules
-            else ([f"{block}.{ffn[0]}"] if ffn else [])
+            else ([f"{head}{ffn[0]}"] if ffn else [])
         )
         if not ffn_out:
             raise engine.TargetModuleError(_search_failed(block, inside, "feed-forward output"))
@@ -269,7 +273,8 @@ class BottleneckLayer(AdapterLayer):
         self.activation[name] = config.non_linearity
         self.reads_block_input[name] = input_module is not None
         if input_module is not None:
-            self._input_hooks[name] = input_module.register_forward_pre_hook(self._remember_input)
+            # On the innermost module: wrappers around it (a LoRA added or deleted later) come and go.
+            self._input_hooks[name] = engine.innermost(input_module).register_forward_pre_hook(self._remember_input)
 
     def _remember_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._block_input = args[0]
