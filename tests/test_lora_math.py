@@ -177,3 +177,55 @@ def test_tied_embedding_merge_keeps_the_head(tmp_path):
         merged = pm.merge_and_unload()
         torch.testing.assert_close(merged(**tiny_inputs("gpt2")).logits, expected, atol=1e-5, rtol=0)
     assert merged.config.tie_word_embeddings is False
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("bias_trainable", [False, True])
+def test_fused_lora_equals_the_plain_graph(conv1d, bias_trainable):
+    """FusedLoraLinear: same output and same gradients (input, A, B, trained bias) as the unfused graph."""
+    pm, _ = wrap(conv1d=conv1d, r=3, lora_alpha=5)
+    layer = pm.base_model.model.proj
+    layer.base_layer.bias.requires_grad_(bias_trainable)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    results = []
+    for fused in (True, False):
+        LoraLinear.fused = fused
+        try:
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+            out = layer(x)
+            (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+            grads = [
+                x.grad.clone(),
+                layer.lora_A["default"].weight.grad.clone(),
+                layer.lora_B["default"].weight.grad.clone(),
+            ]
+            if bias_trainable:
+                grads.append(layer.base_layer.bias.grad.clone())
+            results.append((out.detach(), grads))
+        finally:
+            LoraLinear.fused = True
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    for fused_grad, plain_grad in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_lora_dropout_applies_one_mask_to_the_adapter_path_only():
+    from deltatune.methods.lora import FusedLoraLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, requires_grad=True)
+    W, b = torch.randn(5, 6), torch.randn(5)
+    A, B = torch.randn(2, 6, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    mask = torch.empty_like(x).bernoulli_(0.7).div_(0.7)
+    out = FusedLoraLinear.apply(x, W, b, A, B, 1.5, mask)
+    out.square().sum().backward()
+    fused = [x.grad.clone(), A.grad.clone(), B.grad.clone()]
+    for t in (x, A, B):
+        t.grad = None
+    reference = x @ W.T + b + 1.5 * ((x * mask) @ A.T) @ B.T
+    torch.testing.assert_close(out, reference)
+    reference.square().sum().backward()
+    for got, want in zip(fused, [x.grad, A.grad, B.grad]):
+        torch.testing.assert_close(got, want)
