@@ -291,6 +291,9 @@ class _BaseView(nn.Module):
         super().__init__()
         self.inner = model
 
+    def get_base_model(self) -> nn.Module:
+        return self.inner.get_base_model()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.inner.disable_adapter():
             return self.inner(*args, **kwargs)
