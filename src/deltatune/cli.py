@@ -41,11 +41,15 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from err
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path} must hold a mapping of option names to values")
-    known = {p.name for p in ctx.command.params}
+    aliases = {}
+    for param in ctx.command.params:
+        for opt in getattr(param, "opts", []) + getattr(param, "secondary_opts", []):
+            aliases[opt.lstrip("-").replace("-", "_")] = param.name
+        aliases[param.name] = param.name
     defaults = {}
     for key, item in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
+        name = aliases.get(str(key).lstrip("-").replace("-", "_"))
+        if name is None or name == "config":
             raise click.BadParameter(f"{path}: unknown option {key!r}; see deltatune {ctx.command.name} --help")
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -69,6 +73,23 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def friendly_errors(command: Any) -> Any:
+    """Bad input ends in a one-line message naming the problem, not a traceback (``-v`` shows it)."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise click.ClickException(str(message)) from err
+
+    return wrapper
 
 
 def model_options(f: Any) -> Any:
@@ -171,6 +192,7 @@ def data_options(f: Any) -> Any:
     default=True,
     help="Measure the base model's loss on held-out general text before and after.",
 )
+@friendly_errors
 def train(**options: Any) -> None:
     """Fine-tune a model: progress bar, evaluation, checkpoints, and a summary of PEFT's promises."""
     from deltatune.run import run_training
@@ -195,6 +217,7 @@ def train(**options: Any) -> None:
 @click.option("--split", default="test", help="Split of a built-in data set.")
 @click.option("--max-examples", default=0, help="Evaluate at most N examples (0: all).")
 @click.option("--eval-batch-size", default=32, help="Batch size.")
+@friendly_errors
 def eval_command(**options: Any) -> None:
     """Metrics of a model (with or without an adapter) on a data split."""
     from deltatune.run import run_eval
@@ -208,6 +231,7 @@ def eval_command(**options: Any) -> None:
 @click.option("--prompt", default=None, help="One prompt; without it, an interactive chat.")
 @click.option("--max-new-tokens", default=128, help="Tokens to generate per reply.")
 @click.option("--temperature", default=0.0, help="0: greedy decoding.")
+@friendly_errors
 def generate(model: str, adapter: str | None, prompt: str | None, max_new_tokens: int, temperature: float) -> None:
     """Generate text, streaming tokens, from one prompt or an interactive chat."""
     from deltatune.run import run_generate
@@ -219,6 +243,7 @@ def generate(model: str, adapter: str | None, prompt: str | None, max_new_tokens
 @model_options
 @click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="Adapter folder.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
+@friendly_errors
 def merge(model: str, adapter: str, output: str) -> None:
     """Merge an adapter into its base model and save it in transformers format."""
     from deltatune.run import run_merge
@@ -228,6 +253,7 @@ def merge(model: str, adapter: str, output: str) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@friendly_errors
 def inspect(directory: str) -> None:
     """Describe an adapter folder (or a training run): method, targets, size, base model."""
     from deltatune.run import describe_adapter

@@ -47,14 +47,28 @@ def model_family(name_or_path: str) -> str:
 
 
 def choose_task(requested: str, family: str, records: list[dict[str, Any]], options: dict[str, Any]) -> str:
+    """The task for ``--task auto``: from the model family and the data's columns."""
     if requested != "auto":
         return requested
-    has_labels = bool(records) and options["label_column"] in records[0]
-    if family == "seq2seq":
-        return "seq2seq"
-    if has_labels:
+    columns = set(records[0]) if records else set()
+    if options["label_column"] in columns:
         return "label-generation" if family == "causal" else "seq-cls"
-    return "causal-lm"
+    if options["response_column"] in columns:
+        return "seq2seq" if family == "seq2seq" else "causal-lm"
+    raise datasets.DataError(
+        f"{options['data']}: columns {sorted(columns)} hold neither a label column "
+        f"({options['label_column']!r}, for classification) nor a response column ({options['response_column']!r}, "
+        "for chat tuning); name them with --label-column / --text-column or --response-column / --prompt-column"
+    )
+
+
+def required_columns(kind: str, options: dict[str, Any], sample: dict[str, Any]) -> list[str]:
+    if kind in ("label-generation", "seq-cls"):
+        return [options["text_column"], options["label_column"]]
+    if kind == "seq2seq":
+        return [options["prompt_column"], options["response_column"]]
+    prompt = [options["prompt_column"]] if options["prompt_column"] in sample else []
+    return prompt + [options["response_column"]]
 
 
 def build_task(kind: str, tokenizer: Any, train_records: list[dict[str, Any]], options: dict[str, Any]) -> Task:
@@ -125,17 +139,20 @@ def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
     return None
 
 
-def load_split(options: dict[str, Any], split: str, file_option: str | None) -> list[dict[str, Any]]:
+def load_split(
+    options: dict[str, Any], split: str, file_option: str | None, columns: list[str] | None = None
+) -> tuple[list[dict[str, Any]], str]:
+    """A split's records and a name for messages: a built-in set's split, or a user file."""
     source = options["data"]
     if source in datasets.BUILTIN_DATASETS:
         info = datasets.BUILTIN_DATASETS[source]
         if split not in info.splits:
             split = "test" if "test" in info.splits else info.splits[-1]
-        return datasets.load_dataset(source, split)
+        return datasets.load_dataset(source, split), f"{source} ({split})"
     path = options.get(file_option) if file_option else source
     if not path:
-        return []
-    return datasets.load_dataset(path, on_bad_row=options["on_bad_row"])
+        return [], ""
+    return datasets.load_records(path, columns=columns, on_bad_row=options["on_bad_row"]), str(path)
 
 
 def _limit(records: list[Any], count: int) -> list[Any]:
@@ -151,19 +168,26 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     say = _printer(dist_env)
 
-    train_records = _limit(load_split(options, "train", None), options["max_train"])
+    raw, _ = load_split(options, "train", None)
     family = model_family(options["model"])
-    task_kind = choose_task(options["task"], family, train_records, options)
+    task_kind = choose_task(options["task"], family, raw, options)
+    columns = required_columns(task_kind, options, raw[0])
+    train_records, train_name = load_split(options, "train", None, columns)
+    train_records = _limit(train_records, options["max_train"])
     say(f"loading {options['model']} for {task_kind} ...")
     labels = len({str(r.get(options["label_column"])) for r in train_records}) if task_kind == "seq-cls" else 2
     model, tokenizer = load_for_task(options["model"], task_kind, labels)
+    if task_kind == "causal-lm" and options["prompt_column"] not in columns:
+        options = {**options, "prompt_column": None}
     task = build_task(task_kind, tokenizer, train_records, options)
+    train_examples = task.encode(train_records, source=train_name)
+    eval_records, eval_name = load_split(options, "validation", "eval_data", columns)
+    test_records, test_name = load_split(options, "test", "test_data", columns)
+    eval_records = _limit(eval_records, options["max_eval"])
+    test_records = _limit(test_records, options["max_test"])
+    eval_examples = task.encode(eval_records, source=eval_name) if eval_records else None
+    test_examples = task.encode(test_records, source=test_name) if test_records else None
     source = options["data"]
-    train_examples = task.encode(train_records, source=f"{source} (train)")
-    eval_records = _limit(load_split(options, "validation", "eval_data"), options["max_eval"])
-    test_records = _limit(load_split(options, "test", "test_data"), options["max_test"])
-    eval_examples = task.encode(eval_records, source=f"{source} (validation)") if eval_records else None
-    test_examples = task.encode(test_records, source=f"{source} (test)") if test_records else None
     if not options["resume"] and dist_env.main:
         for stale in ("metrics.jsonl",):
             (output / stale).unlink(missing_ok=True)
@@ -457,17 +481,31 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 # -- other commands ------------------------------------------------------------------------------
 def run_eval(options: dict[str, Any]) -> dict[str, Any]:
-    records = _limit(load_split(options, options["split"], "test_data"), options["max_examples"])
-    train_records = load_split(options, "train", None) if options["data"] in datasets.BUILTIN_DATASETS else records
+    """Metrics on a split of a built-in set, or on ``--test-data`` (default: the ``--data`` file itself).
+
+    Labels come from the built-in set's training split, or from the evaluated file.
+    """
+    builtin = options["data"] in datasets.BUILTIN_DATASETS
+    raw, _ = load_split(options, "train", None)
     family = model_family(options["model"])
-    kind = choose_task(options["task"], family, train_records, options)
+    kind = choose_task(options["task"], family, raw, options)
+    columns = required_columns(kind, options, raw[0])
+    if builtin:
+        records, name = load_split(options, options["split"], None)
+        train_records = raw
+    else:
+        file_options = {**options, "test_data": options.get("test_data") or options["data"]}
+        records, name = load_split(file_options, "test", "test_data", columns)
+        train_records = records
+    records = _limit(records, options["max_examples"])
     labels = len({str(r.get(options["label_column"])) for r in train_records}) if kind == "seq-cls" else 2
     model, tokenizer = load_for_task(options["model"], kind, labels)
     if options["adapter"]:
         model = PeftModel.from_pretrained(model, options["adapter"])
+    if kind == "causal-lm" and options["prompt_column"] not in columns:
+        options = {**options, "prompt_column": None}
     task = build_task(kind, tokenizer, train_records, options)
-    examples = task.encode(records, source=f"{options['data']} ({options['split']})")
-    return evaluate(model, task, examples, options["eval_batch_size"], Distributed())
+    return evaluate(model, task, task.encode(records, source=name), options["eval_batch_size"], Distributed())
 
 
 def run_generate(

@@ -172,6 +172,13 @@ def _base_forward(model: Any) -> Any:
     return inner.get_base_model().forward if hasattr(inner, "get_base_model") else inner.forward
 
 
+def _checkpointing(model: Any) -> bool:
+    """Gradient checkpointing in training: transformers then turns the KV cache off."""
+    inner = _unwrapped(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return bool(model.training and getattr(base, "is_gradient_checkpointing", False))
+
+
 def _plain_forward(model: Any) -> bool:
     """True when the model's inputs reach the base model unchanged (no prompt/prefix adapter, no FSDP)."""
     inner = _unwrapped(model)
@@ -289,7 +296,7 @@ class LabelGeneration(Task):
         return batch
 
     def _logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        if "shared_prefix" in batch and _plain_forward(model):
+        if "shared_prefix" in batch and _plain_forward(model) and not _checkpointing(model):
             return self._logits_with_shared_prefix(model, batch)
         return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1].float()
 
