@@ -28,8 +28,12 @@ from deltatune.train import Distributed, TrainArgs, Trainer, evaluate, peak_memo
 
 logger = logging.getLogger("deltatune")
 
-SENTIMENT_INSTRUCTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
-SENTIMENT_SYSTEM = "You are a film critic."
+# The instruction of deltatune.data's sentiment template; the model's own default system turn is kept
+# (SmolLM2 answers better with it, and it costs nothing: the prefix all prompts share runs once per batch).
+SENTIMENT_INSTRUCTION = (
+    "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
+)
+SENTIMENT_SYSTEM = None
 
 
 # -- model and task ------------------------------------------------------------------------------
