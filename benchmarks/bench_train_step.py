@@ -1,0 +1,147 @@
+"""One LoRA training step on SmolLM2-135M: deltatune vs HF PEFT, time and peak memory.
+
+A step is forward with ``labels=`` (causal-LM loss over all positions), backward and an AdamW
+step, on a batch of 8 x 128 random token ids. Two adapter configs:
+
+* ``all_linear``: every linear layer of the blocks, r=16, alpha=32, dropout 0;
+* ``qv``: ``q_proj`` and ``v_proj``, r=8, alpha=16, dropout 0.05.
+
+For scale, the same step with full fine-tuning (every weight trained, AdamW over all of them) and
+with the base frozen and no adapter at all (input embeddings require grad, so backward runs
+through every layer but computes no weight gradient: the floor any adapter method pays) run in the
+``all_linear`` alternation; their times are reported relative to deltatune's.
+
+Peak memory: each case runs alone in a child process (peak RSS on CPU, CUDA peak allocation on
+GPU); ``load_forward`` is a child that loads the model and runs one forward pass without
+gradients, the floor under every RSS figure (libraries, weights, one pass of activations).
+
+    .venv/bin/python benchmarks/bench_train_step.py [--quick] [--device auto|cpu|cuda] [--no-memory]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import common
+
+CONFIGS = {
+    "all_linear": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    "qv": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+}
+LR = 1e-4
+
+
+def build(case: str, env: common.Env) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """``<config>/deltatune``, ``<config>/peft``, ``full_ft`` or ``frozen_base``: a model in train mode."""
+    model, _ = common.load_smollm(env, train=True)
+    torch.manual_seed(env.seed)
+    if case == "full_ft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif case == "frozen_base":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()  # a graph through every layer, no weight gradients
+        return model, None
+    else:
+        config, library = case.split("/")
+        if library == "deltatune":
+            import deltatune
+
+            model = deltatune.get_peft_model(model, deltatune.LoraConfig(task_type="CAUSAL_LM", **CONFIGS[config]))
+        else:
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **CONFIGS[config]))
+        model.train()
+    return model, torch.optim.AdamW(common.trainable(model), lr=LR)
+
+
+def step_fn(model: nn.Module, optimizer: torch.optim.Optimizer | None, ids: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def shape(env: common.Env) -> tuple[int, int]:
+    return (2, 32) if env.quick else (8, 128)
+
+
+def run_child(case: str, env: common.Env) -> None:
+    if case == "load_forward":
+        model, _ = common.load_smollm(env)
+        with torch.no_grad():
+            model(input_ids=common.random_ids(model.config.vocab_size, *shape(env), env))
+        common.report_child_memory(env)
+        return
+    model, optimizer = build(case, env)
+    ids = common.random_ids(model.config.vocab_size, *shape(env), env)
+    step = step_fn(model, optimizer, ids)
+    common.reset_cuda_peak(env)
+    for _ in range(1 if env.quick else 2):
+        step()
+    common.report_child_memory(env, trainable=sum(p.numel() for p in common.trainable(model)))
+
+
+def main() -> None:
+    parser = common.parser(__doc__, repeats=5, warmup=1)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory child processes")
+    parser.add_argument("--no-scale", action="store_true", help="skip the full fine-tuning and frozen-base cases")
+    args = parser.parse_args()
+    env = common.setup(args)
+    if args.child:
+        run_child(args.child, env)
+        return
+    batch, length = shape(env)
+    print(f"SmolLM2-135M training step, batch {batch} x {length}, {env.device} {env.dtype}, {env.threads} threads")
+
+    ratios: dict[str, float] = {}
+    memory: dict[str, dict] = {}
+    if not args.no_memory:  # first, while this process is small (see common.peak_rss_mib)
+        print("\npeak memory, one case per child process:")
+        configs = ["all_linear"] if env.quick else list(CONFIGS)
+        cases = ["load_forward"] + [f"{c}/{lib}" for c in configs for lib in ("deltatune", "peft")]
+        if not args.no_scale and not env.quick:
+            cases += ["full_ft", "frozen_base"]
+        memory = common.children_memory(__file__, cases)
+        floor = common.memory_of(memory["load_forward"])
+        for config in configs:
+            ours, theirs = (common.memory_of(memory[f"{config}/{lib}"]) for lib in ("deltatune", "peft"))
+            ratios[f"{config}/memory_deltatune_over_peft"] = ours / theirs
+            if not env.cuda:  # RSS includes the loaded model and libraries; the increment shows the step's own
+                ratios[f"{config}/memory_above_load_deltatune_over_peft"] = (ours - floor) / max(theirs - floor, 1e-9)
+
+    times: dict[str, dict[str, list[float]]] = {}
+    trainable: dict[str, int] = {}
+    for config in CONFIGS:
+        names = [f"{config}/deltatune", f"{config}/peft"]
+        if config == "all_linear" and not args.no_scale:
+            names += ["full_ft", "frozen_base"]
+        cases = {}
+        for name in names:
+            model, optimizer = build(name, env)
+            trainable[name] = sum(p.numel() for p in common.trainable(model))
+            ids = common.random_ids(model.config.vocab_size, batch, length, env)
+            cases[name] = step_fn(model, optimizer, ids)
+        assert trainable[names[0]] == trainable[names[1]], f"trainable parameters differ: {trainable}"
+        times[config] = common.alternate(cases, env, args.repeats, args.warmup)
+        common.print_times(f"training step, {config} {CONFIGS[config]}", times[config])
+        ratios[f"{config}/time_deltatune_over_peft"] = common.ratio(times[config], names[0], names[1])
+        if "full_ft" in cases:
+            ratios["full_ft_time_over_deltatune"] = common.ratio(times[config], "full_ft", names[0])
+            ratios["frozen_base_time_over_deltatune"] = common.ratio(times[config], "frozen_base", names[0])
+        del cases, model, optimizer
+
+    common.emit("train_step", env, args, ratios, times, batch=[batch, length], trainable=trainable, memory=memory)
+
+
+if __name__ == "__main__":
+    main()

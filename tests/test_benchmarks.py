@@ -1,0 +1,42 @@
+"""Smoke test of the benchmark scripts: they run, exit 0 and print a RESULT record with ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_quick(script: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--device", "cpu", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=BENCHMARKS.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+@pytest.mark.slow
+def test_benchmarks_quick_runs_print_a_result():
+    for script in ("bench_lora_layer.py", "bench_mixed_batch.py"):
+        record = run_quick(script)
+        assert record["ratios"], record
+        assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in record["ratios"].values())
+        assert any("peft" in key for key in record["ratios"]), record["ratios"]
+        for key, diff in record.get("checks", {}).items():
+            if "expected_nonzero" not in key:
+                assert diff < 1e-3, (script, key, diff)  # identical adapters: the same outputs in both libraries
