@@ -186,6 +186,12 @@ def data_options(f: Any) -> Any:
 @click.option("--output", default="runs/default", type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --output.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    help="auto: this process's GPU when there is one (NCCL with torchrun), else the CPU.",
+)
 @click.option("--fsdp", is_flag=True, help="Shard the model with FSDP across processes (with torchrun).")
 @click.option(
     "--forgetting/--no-forgetting",

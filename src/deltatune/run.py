@@ -181,6 +181,7 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
     say(f"loading {options['model']} for {task_kind} ...")
     labels = len({str(r.get(options["label_column"])) for r in train_records}) if task_kind == "seq-cls" else 2
     model, tokenizer = load_for_task(options["model"], task_kind, labels)
+    model.to(_device(options.get("device", "auto"), dist_env))
     if task_kind == "causal-lm" and options["prompt_column"] not in columns:
         options = {**options, "prompt_column": None}
     task = build_task(task_kind, tokenizer, train_records, options)
@@ -288,6 +289,16 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
         plot_curves(output / "metrics.jsonl", output / "curves.png")
         print_summary(summary)
     return summary
+
+
+def _device(choice: str, distributed: Distributed) -> torch.device:
+    """``auto``: this process's GPU when there is one, else the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was given, but torch sees no CUDA device")
+    torch.cuda.set_device(distributed.local_rank)
+    return torch.device("cuda", distributed.local_rank)
 
 
 def _export_final(model: nn.Module, output: Path, main: bool) -> None:

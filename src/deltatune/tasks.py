@@ -312,7 +312,8 @@ class LabelGeneration(Task):
         cache = inner(input_ids=prefix, use_cache=True)
         cache = cache["cache"] if "cache" in cache else cache["past_key_values"]
         cache.batch_repeat_interleave(rest.shape[0])
-        mask = torch.cat([torch.ones(rest.shape[0], p, dtype=rest_mask.dtype), rest_mask], dim=1)
+        ones = torch.ones(rest.shape[0], p, dtype=rest_mask.dtype, device=rest_mask.device)
+        mask = torch.cat([ones, rest_mask], dim=1)
         positions = (p + rest_mask.cumsum(-1) - 1).clamp(min=p)
         name = "cache" if "cache" in inspect.signature(_base_forward(model)).parameters else "past_key_values"
         out = model(

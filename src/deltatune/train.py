@@ -165,6 +165,7 @@ class Trainer:
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.steps_per_epoch))
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.device = next(model.parameters()).device
         self.engine = wrap(model) if wrap is not None else model  # FSDP replaces the parameters: wrap first
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -206,7 +207,7 @@ class Trainer:
         micro_batches = self._micro_batches(examples)
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            batch = self.task.collate(micro)
+            batch = to_device(self.task.collate(micro), self.device)
             self.train_tokens += batch["tokens"]
             loss = self.task.loss_sum(self.engine, batch) / units
             sync = self.engine.no_sync() if hasattr(self.engine, "no_sync") and not last else _null_context()
@@ -336,16 +337,22 @@ def evaluate(model: nn.Module, task: Task, examples: list[Example], batch_size: 
     """Metrics of ``task`` over ``examples``, split across processes; batches grouped by length."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     mine = order[distributed.rank :: distributed.world]
     totals: dict[str, Any] = {}
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            batch = task.collate([examples[i] for i in mine[start : start + batch_size]])
+            batch = to_device(task.collate([examples[i] for i in mine[start : start + batch_size]]), device)
             for key, value in task.eval_sums(model, batch).items():
                 totals[key] = totals[key] + value if key in totals else value
     model.train(was_training)
     return task.metrics(distributed.all_sum(totals))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on the model's device (counts and other values stay as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def save_trained(model: nn.Module, directory: Path, main: bool = True) -> None:
