@@ -181,7 +181,7 @@ def data_options(f: Any) -> Any:
 @click.option("--save-every", default=25, help="Checkpoint every N steps (0: at the end only).")
 @click.option("--eval-batch-size", default=32, help="Batch size for evaluation.")
 @click.option("--max-train", default=0, help="Use at most N training examples (0: all).")
-@click.option("--max-eval", default=256, help="Use at most N validation examples (0: all).")
+@click.option("--max-eval", default=128, help="Use at most N validation examples (0: all).")
 @click.option("--max-test", default=0, help="Use at most N test examples (0: all).")
 @click.option("--output", default="runs/default", type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --output.")
