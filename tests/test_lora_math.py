@@ -218,14 +218,32 @@ def test_fused_lora_dropout_applies_one_mask_to_the_adapter_path_only():
     x = torch.randn(4, 6, requires_grad=True)
     W, b = torch.randn(5, 6), torch.randn(5)
     A, B = torch.randn(2, 6, requires_grad=True), torch.randn(5, 2, requires_grad=True)
-    mask = torch.empty_like(x).bernoulli_(0.7).div_(0.7)
-    out = FusedLoraLinear.apply(x, W, b, A, B, 1.5, mask)
+    keep = torch.rand(x.shape) >= 0.3  # a boolean mask; the 1 / (1 - p) rescaling is passed separately
+    out = FusedLoraLinear.apply(x, W, b, A, B, 1.5, keep, 1 / 0.7)
     out.square().sum().backward()
     fused = [x.grad.clone(), A.grad.clone(), B.grad.clone()]
     for t in (x, A, B):
         t.grad = None
-    reference = x @ W.T + b + 1.5 * ((x * mask) @ A.T) @ B.T
+    reference = x @ W.T + b + 1.5 * ((x * keep / 0.7) @ A.T) @ B.T
     torch.testing.assert_close(out, reference)
     reference.square().sum().backward()
     for got, want in zip(fused, [x.grad, A.grad, B.grad]):
         torch.testing.assert_close(got, want)
+
+
+def test_fused_lora_dropout_in_the_layer_follows_the_formula():
+    """Training: ``W x + s B A (m * x / (1 - p))`` with a Bernoulli keep-mask ``m`` (redrawn here from
+    the same seed); evaluation: no dropout."""
+    pm, _ = wrap(r=4, lora_alpha=8, lora_dropout=0.5)
+    layer = pm.base_model.model.proj
+    layer.train()
+    x = torch.randn(3, 12)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    keep = torch.rand_like(x) >= 0.5  # the draw the layer made
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    reference = layer.base_layer(x) + layer.scaling["default"] * ((x * keep / 0.5) @ A.T) @ B.T
+    torch.testing.assert_close(out, reference)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.scaling["default"] * (x @ A.T) @ B.T)

@@ -7,10 +7,12 @@
   (the label's token is the model's top token over the whole vocabulary).
 * :class:`CausalLM` -- prompt/response pairs (chat-formatted when the tokenizer has a template) or
   plain text; the loss covers response tokens only; batches are left-padded so that every label
-  sits in the last positions and the LM head runs only there. Metrics: loss and perplexity.
+  sits in the last positions and the LM head runs only there, fused with the cross-entropy a chunk
+  at a time (:mod:`deltatune.losses`: no full logits tensor). Metrics: loss and perplexity.
 * :class:`SequenceClassification` -- an encoder (or any model) with a classification head.
   Metrics: accuracy and macro-F1.
-* :class:`Seq2Seq` -- encoder-decoder models: source to target. Metrics: loss and perplexity.
+* :class:`Seq2Seq` -- encoder-decoder models: source to target, the same fused loss. Metrics: loss
+  and perplexity.
 
 Every loss is a *sum* over its units (label tokens or examples) and every batch says how many
 units it holds, so a trainer can normalise by the units of a whole global batch: the same
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.data import DataError
+from deltatune.losses import HeadLoss
 
 
 @dataclasses.dataclass
@@ -365,6 +368,7 @@ class CausalLM(Task):
         super().__init__(tokenizer, max_length, on_long)
         self.prompt_column, self.response_column = prompt_column, response_column
         self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.head_loss = HeadLoss()
 
     def encode_one(self, record: dict[str, Any], where: str) -> Example | None:
         tok = self.tokenizer
@@ -410,10 +414,9 @@ class CausalLM(Task):
         labelled = (labels != -100).any(0).nonzero()
         first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
         keep = labels.shape[1] - first + 1  # logits at t predict token t + 1
-        logits = model(**model_inputs(batch), logits_to_keep=keep).logits
-        logits = logits[:, -keep:-1] if keep > 1 else logits[:, :0]
         targets = labels[:, labels.shape[1] - keep + 1 :]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+        inputs = {**model_inputs(batch), "logits_to_keep": keep}
+        return self.head_loss.loss_sum(model, inputs, targets, lambda out: out[:, -keep:-1] if keep > 1 else out[:, :0])
 
 
 class SequenceClassification(Task):
@@ -488,6 +491,7 @@ class Seq2Seq(Task):
     ) -> None:
         super().__init__(tokenizer, max_length, on_long)
         self.prompt_column, self.response_column = prompt_column, response_column
+        self.head_loss = HeadLoss()
 
     def encode_one(self, record: dict[str, Any], where: str) -> Example | None:
         source = self.tokenizer(str(record[self.prompt_column]))["input_ids"]
@@ -503,6 +507,12 @@ class Seq2Seq(Task):
         return batch
 
     def loss_sum(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        logits = model(**model_inputs(batch)).logits
-        labels = batch["labels"]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+        inputs = model_inputs(batch)
+        labels = inputs.pop("labels")
+        base = _unwrapped(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        if hasattr(base, "prepare_decoder_input_ids_from_labels"):  # no second loss inside the model
+            inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+        else:
+            inputs["labels"] = labels
+        return self.head_loss.loss_sum(model, inputs, labels)

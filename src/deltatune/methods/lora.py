@@ -291,11 +291,10 @@ class LoraLinear(AdapterLayer):
             return None
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        mask = None
-        if p > 0:
-            mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        mask = torch.rand_like(x) >= p if p > 0 else None
         weight = base.weight.T if self.fan_in_fan_out else base.weight
-        return FusedLoraLinear.apply(x, weight, base.bias, A, B, self.scaling[name], mask)
+        keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+        return FusedLoraLinear.apply(x, weight, base.bias, A, B, self.scaling[name], mask, keep_scale)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """Each row gets its own adapter's update: stacked factors, gathered per row, two bmm calls.
@@ -409,25 +408,32 @@ class LoraLinear(AdapterLayer):
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    r"""``y = x W^T + b + s (m \odot x) A^T B^T`` as one autograd node (``m``: dropout mask or none).
+    r"""``y = x W^T + b + s k (m \odot x) A^T B^T`` as one autograd node.
 
-    Forward: the base product, then the low-rank product accumulated into it in place
-    (``addmm_`` with ``alpha=s``): no scaled copy, no separate sum. Saved for backward: the input,
-    the small ``x A^T`` and the mask. Backward: ``dx = g W + ((g B) s A) \odot m`` accumulated in
-    place, ``dA = (s\, g B)^T (m \odot x)``, ``dB = s\, g^T (x A^T)``; the frozen ``W`` gets no
-    gradient. Equal to the unfused graph within float rounding (tested).
+    ``m`` is the dropout keep-mask (boolean, or none) and ``k = 1 / (1 - p)`` its rescaling, applied
+    to the rank-r product rather than to an input-sized copy. Forward: the base product, then the
+    low-rank product accumulated into it in place (``addmm_`` with ``alpha=s``): no scaled copy, no
+    separate sum. Saved for backward: the input (which the caller keeps anyway), the small
+    ``k (m \odot x) A^T`` and the one-byte mask, where an unfused dropout keeps a dropped-out float
+    copy of the input as well. Backward, with ``u = s k\, g B``: ``dx = g W + (u A) \odot m``
+    accumulated in place, ``dA = u^T (m \odot x)``, ``dB = s\, g^T (k (m \odot x) A^T)``; the
+    frozen ``W`` gets no gradient. Equal to the unfused graph within float rounding (tested).
     """
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, A, B, scale, mask):  # noqa: ANN001, ANN205
+    def forward(ctx: Any, x, weight, bias, A, B, scale, mask, keep_scale):  # noqa: ANN001, ANN205
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        h = x2 * mask.reshape(x2.shape) if mask is not None else x2
-        low = h @ A.T
+        if mask is not None:
+            mask = mask.reshape(x2.shape)
+            low = (x2 * mask) @ A.T
+            low.mul_(keep_scale)
+        else:
+            low = x2 @ A.T
         out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
         out.addmm_(low, B.T, alpha=scale)
         ctx.save_for_backward(x2, weight, A, B, low, mask)
-        ctx.scale = scale
+        ctx.scale, ctx.keep_scale = scale, keep_scale
         ctx.has_bias = bias is not None
         return out.reshape(*shape[:-1], out.shape[-1])
 
@@ -436,25 +442,24 @@ class FusedLoraLinear(torch.autograd.Function):
         x2, weight, A, B, low, mask = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         scale = ctx.scale
-        gB = (g @ B).mul_(scale)  # (N, r)
+        u = (g @ B).mul_(scale if mask is None else scale * ctx.keep_scale)  # (N, r)
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
             if mask is None:
-                grad_x.addmm_(gB, A)
+                grad_x.addmm_(u, A)
             else:
-                grad_x.add_((gB @ A).mul_(mask.reshape(grad_x.shape)))
+                grad_x.add_((u @ A).mul_(mask))
             grad_x = grad_x.reshape(*grad.shape[:-1], x2.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = g.T @ x2
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         if ctx.needs_input_grad[3]:
-            h = x2 * mask.reshape(x2.shape) if mask is not None else x2
-            grad_A = gB.T @ h
+            grad_A = u.T @ (x2 * mask if mask is not None else x2)
         if ctx.needs_input_grad[4]:
             grad_B = (g.T @ low).mul_(scale)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
 
 
 class LoraEmbedding(AdapterLayer):

@@ -1,0 +1,214 @@
+r"""Language-model loss without the full logits tensor: the LM head and cross-entropy fused, in chunks.
+
+For hidden states :math:`h_i` at the labelled positions, a head :math:`W` (vocabulary x hidden)
+and targets :math:`t_i`, the summed loss and its gradients are
+
+.. math::
+    L = \sum_i \big(\operatorname{logsumexp}(W h_i) - (W h_i)_{t_i}\big), \qquad
+    \frac{\partial L}{\partial h_i} = W^\top (p_i - e_{t_i}), \qquad
+    \frac{\partial L}{\partial W} = \sum_i (p_i - e_{t_i})\, h_i^\top,
+
+with :math:`p_i = \operatorname{softmax}(W h_i)`. :class:`FusedLinearCrossEntropy` computes them
+a chunk of rows at a time in the forward pass, so at most ``chunk x vocabulary`` logits exist at
+once (in float32) and nothing vocabulary-sized is kept for backward; the backward only scales the
+stored gradients. That is the same matrix work as logits + ``F.cross_entropy`` + their backward, with
+a fraction of the memory (49k vocabulary x 1,024 tokens: 200 MB of logits, as much again for
+their gradient and the log-softmax).
+
+:class:`HeadLoss` gets the hidden states by running the model with its output-embedding module
+passing its input through (the head is applied here instead), and only at the positions that have a
+label. It falls back to the model's own logits where that would not be the same computation: a
+head that is not a plain ``nn.Linear`` (LoRA or modules_to_save on the head), a model that changes
+the logits after the head (soft-capping, logit scales), or a sharded (FSDP) model; and it checks
+each model's first batch against the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats, 64 MiB in float32
+# Config fields of models that transform the logits after the head (Gemma 2/3, Cohere, Granite, ...).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
+
+
+def _chunked(hidden, weight, bias, targets, chunk_rows, want_hidden, want_weight, want_bias):  # noqa: ANN001, ANN202
+    """The summed loss and, as asked, its gradients: ``chunk_rows`` rows of logits at a time."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h = hidden[start : start + chunk_rows]
+        t = targets[start : start + chunk_rows]
+        logits = F.linear(h, weight, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        if not (want_hidden or want_weight or want_bias):
+            continue
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+        probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+        if want_hidden:
+            grad_hidden[start : start + chunk_rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        if want_weight:
+            grad_weight.addmm_(probs.T, h.float())
+        if want_bias:
+            grad_bias += probs.sum(0)
+    return total, grad_hidden, grad_weight, grad_bias
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``; gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden, weight, bias, targets, chunk_rows):  # noqa: ANN001, ANN205
+        wants = ctx.needs_input_grad[:2] + (bias is not None and ctx.needs_input_grad[2],)
+        total, *grads = _chunked(hidden, weight, bias, targets, chunk_rows, *wants)
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total):  # noqa: ANN001, ANN205
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad_total.float()
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
+            (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden (N, H) @ weight.T (V, H) + bias`` against ``targets (N,)``.
+
+    Equal to ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")``
+    and to its gradients within float rounding, with at most ``chunk_rows x V`` logits at a time
+    (default: 16M logits per chunk). Targets equal to -100 are not allowed: select the labelled rows
+    first.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"expected hidden (N, H) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _chunked(hidden, weight, bias, targets, rows, False, False, False)[0]  # evaluation: no gradients
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+
+
+@contextlib.contextmanager
+def head_passes_hidden_states(head: nn.Module) -> Iterator[None]:
+    """Within the block the module returns its input: a model's ``logits`` are then its last hidden states."""
+    head.forward = _identity  # an instance attribute shadows the class's forward, and is deleted after
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+def _inner(model: Any) -> Any:
+    while hasattr(model, "module"):  # DistributedDataParallel
+        model = model.module
+    return model
+
+
+def plain_head(model: Any) -> nn.Linear | None:
+    """The model's output head when the fused loss computes exactly what the model would; else None."""
+    inner = _inner(model)
+    if hasattr(model, "unshard") or hasattr(inner, "unshard"):  # FSDP: the head's weight is sharded
+        return None
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    config = getattr(base, "config", None)
+    for field in _LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0, False):
+            return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head
+
+
+class HeadLoss:
+    """Summed next-token loss of a model's outputs: fused with the head where that is exact, else plain.
+
+    Whether the fused path gives the model's own loss is checked once per model, on its first batch,
+    in eval mode without gradients (no dropout, no random numbers drawn): a model that changes the
+    logits after the head in a way :func:`plain_head` does not know gets the plain path and a warning.
+    """
+
+    def __init__(self) -> None:
+        self.verdicts: dict[int, bool] = {}
+
+    def loss_sum(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        targets: torch.Tensor,
+        window: Callable[[torch.Tensor], torch.Tensor] = lambda out: out,
+    ) -> torch.Tensor:
+        """``window(model(**inputs).logits)`` scored against ``targets`` (-100: no label), summed."""
+        head = plain_head(model)
+        if head is not None and self._fused_agrees(model, head, inputs, targets, window):
+            return self._fused(model, head, inputs, targets, window)
+        return self._plain(model, inputs, targets, window)
+
+    @staticmethod
+    def _plain(model: Any, inputs: dict[str, Any], targets: torch.Tensor, window: Callable) -> torch.Tensor:
+        logits = window(model(**inputs).logits)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+
+    @staticmethod
+    def _fused(model: Any, head: nn.Linear, inputs: dict[str, Any], targets: torch.Tensor, window: Callable):
+        with head_passes_hidden_states(head):
+            hidden = window(model(**inputs).logits)
+        labelled = targets != IGNORE_INDEX
+        return fused_linear_cross_entropy(hidden[labelled], head.weight, targets[labelled], bias=head.bias)
+
+    def _fused_agrees(self, model: Any, head: nn.Linear, inputs: dict, targets: torch.Tensor, window: Callable) -> bool:
+        key = id(_inner(model))
+        if key not in self.verdicts:
+            training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    plain = self._plain(model, inputs, targets, window).float()
+                    try:
+                        fused = self._fused(model, head, inputs, targets, window).float()
+                        found = f"{float(fused):.4f}"
+                    except RuntimeError as error:  # e.g. an addition shaped for the vocabulary
+                        fused, found = None, f"an error: {error}"
+            finally:
+                model.train(training)
+            ok = fused is not None and bool(torch.isclose(fused, plain, rtol=1e-2, atol=1e-3))
+            if not ok:
+                warnings.warn(
+                    f"the fused LM-head loss gave {found} where the model's own logits give {float(plain):.4f}: "
+                    "the model changes its logits after the head; using the full logits",
+                    stacklevel=3,
+                )
+            self.verdicts[key] = ok
+        return self.verdicts[key]
