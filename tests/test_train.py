@@ -18,7 +18,14 @@ from transformers import TrainerCallback, TrainingArguments
 
 import deltatune as dt
 from deltatune.integrations import AdapterTrainer, SaveAdapterCallback
-from deltatune.train import LATEST, TrainArgs, enable_gradient_checkpointing, learning_rate, plan_epoch
+from deltatune.train import (
+    LATEST,
+    TrainArgs,
+    compile_blocks,
+    enable_gradient_checkpointing,
+    learning_rate,
+    plan_epoch,
+)
 from tiny_assets import (
     ROOT,
     adapter_tensors,
@@ -278,7 +285,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     plain = lora_llama()
     checkpointed = lora_llama()
     enable_gradient_checkpointing(checkpointed)
-    assert checkpointed.get_base_model().is_gradient_checkpointing
+    base = checkpointed.get_base_model()
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
     calls = Counter()
     for name, model in (("plain", plain), ("checkpointed", checkpointed)):
         mlp = model.get_base_model().model.layers[0].mlp
@@ -291,6 +299,43 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for name in grads:
         assert grads[name].abs().sum() > 0, name
         torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+# -- torch.compile ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_loss_gradients_and_names(tmp_path):
+    eager, compiled = lora_llama(), lora_llama()
+    blocks = compile_blocks(compiled)
+    assert blocks == ["model.layers.0", "model.layers.1"]
+    layer = compiled.get_base_model().model.layers[0]
+    assert layer._compiled_call_impl is not None  # really compiled, in place
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    loss, grads = loss_and_grads(eager)
+    loss_compiled, grads_compiled = loss_and_grads(compiled)
+    torch.testing.assert_close(loss_compiled, loss, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_compiled[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    compiled.save_pretrained(tmp_path / "compiled")
+    eager.save_pretrained(tmp_path / "eager")
+    assert sorted(adapter_tensors(tmp_path / "compiled")) == sorted(adapter_tensors(tmp_path / "eager"))
+
+
+@pytest.mark.slow
+def test_compile_flag_gives_the_same_run(assets, tmp_path):
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        check_ok(invoke(*train_args(assets, out, "--max-steps", "2", "--batch-size", "8", *extra)))
+        runs[name] = out
+    assert_same_tensors(
+        adapter_tensors(runs["eager"] / "adapter"), adapter_tensors(runs["compiled"] / "adapter"), atol=1e-5
+    )
+
+
+def test_compile_without_transformer_blocks_is_a_clear_error():
+    model = dt.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), dt.LoraConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match="no transformer blocks to compile"):
+        compile_blocks(model)
 
 
 # -- transformers.Trainer ----------------------------------------------------------------------------

@@ -187,6 +187,12 @@ def data_options(f: Any) -> Any:
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --output.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option(
+    "--compile",
+    "compile_blocks",
+    is_flag=True,
+    help="torch.compile each transformer block (compiles for a minute first; pays off on GPUs and long runs).",
+)
+@click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",

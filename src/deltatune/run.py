@@ -235,6 +235,7 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
         eval_batch_size=batch,
         resume=options["resume"],
         gradient_checkpointing=options["gradient_checkpointing"],
+        compile=options.get("compile_blocks", False),
     )
     progress = ProgressReporter(dist_env.main)
     trainer = Trainer(

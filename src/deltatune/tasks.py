@@ -175,11 +175,16 @@ def _base_forward(model: Any) -> Any:
     return inner.get_base_model().forward if hasattr(inner, "get_base_model") else inner.forward
 
 
-def _checkpointing(model: Any) -> bool:
-    """Gradient checkpointing in training: transformers then turns the KV cache off."""
+def _cache_off(model: Any) -> bool:
+    """No KV cache in training: gradient checkpointing (transformers turns it off) or compiled blocks."""
     inner = _unwrapped(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return bool(model.training and getattr(base, "is_gradient_checkpointing", False))
+    config = getattr(base, "config", None)
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.x
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    off = checkpointing or getattr(config, "use_cache", True) is False
+    return bool(model.training and off)
 
 
 def _plain_forward(model: Any) -> bool:
@@ -299,7 +304,7 @@ class LabelGeneration(Task):
         return batch
 
     def _logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        if "shared_prefix" in batch and _plain_forward(model) and not _checkpointing(model):
+        if "shared_prefix" in batch and _plain_forward(model) and not _cache_off(model):
             return self._logits_with_shared_prefix(model, batch)
         return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1].float()
 

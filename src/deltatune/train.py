@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.checkpoint import atomic_write_bytes
+from deltatune.methods.bottleneck import find_blocks
 from deltatune.peft_model import PeftModel
 from deltatune.tasks import Example, Task
 
@@ -60,6 +61,7 @@ class TrainArgs:
     log_every: int = 1
     group_by_length: bool = True
     gradient_checkpointing: bool = False
+    compile: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -165,6 +167,8 @@ class Trainer:
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.steps_per_epoch))
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if args.compile:
+            compile_blocks(model)
         self.device = next(model.parameters()).device
         self.engine = wrap(model) if wrap is not None else model  # FSDP replaces the parameters: wrap first
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -428,6 +432,27 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         inner.enable_input_require_grads()  # frozen embeddings: keep a graph through the checkpoints
     if getattr(inner, "config", None) is not None:
         inner.config.use_cache = False
+
+
+def compile_blocks(model: nn.Module) -> list[str]:
+    """``torch.compile`` each transformer block in place; returns their paths.
+
+    Per block rather than the whole model, as the blocks are identical: one compilation serves them
+    all, and the adapter and task code around them stays eager (it changes with the active adapters).
+    In place (``nn.Module.compile``), so parameter names, checkpoints and adapter switching are
+    unchanged. The KV cache is turned off in training, as with gradient checkpointing: a cache makes
+    every block's layer index part of the compiled code.
+    """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    blocks = find_blocks(inner)
+    if not blocks:
+        raise ValueError(f"found no transformer blocks to compile in {type(inner).__name__}; train without --compile")
+    modules = dict(inner.named_modules())
+    for path in blocks:
+        modules[path].compile()
+    if getattr(inner, "config", None) is not None:
+        inner.config.use_cache = False
+    return blocks
 
 
 def peak_memory_mib() -> float:
