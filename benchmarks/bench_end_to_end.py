@@ -14,16 +14,12 @@ the layers alone). Both sides group training examples by length (the Trainer via
 
 Each side runs in its own process (the same thread count through ``OMP_NUM_THREADS``): wall time
 and peak resident set of that process (``wait4``), and the training loop's own time (deltatune's
-``summary.json`` ``train_seconds``; the Trainer's ``train_runtime``). ``deltatune train`` also
-evaluates the test examples before and after training and ``--max-eval`` validation examples (8;
-it cannot skip them), and writes checkpoints; its wall time includes that work, the Trainer's does
-not, so the training-loop time is the fairer figure. Both adapters are then
-scored by the same code: deltatune's ``evaluate`` on the first ``--max-test`` test examples, the
-PEFT adapter loaded with ``deltatune.PeftModel.from_pretrained``. The time comparison holds only
-at equal accuracy.
-
-``deltatune train`` has no device option (it runs where its model is: the CPU); with
-``--device cuda`` only the Trainer side would use the GPU, so the script warns.
+``summary.json`` ``train_seconds``; the Trainer's ``train_runtime``). ``deltatune train`` runs
+with ``--no-test`` (no test evaluation inside the run); it still scores ``--max-eval`` validation
+examples at the end (8) and writes checkpoints, which the Trainer side does not. Both adapters are
+then scored by the same code: deltatune's ``evaluate`` on the first ``--max-test`` test examples,
+the PEFT adapter loaded with ``deltatune.PeftModel.from_pretrained``, and the base model likewise
+for reference. The time comparison holds only at equal accuracy. Both sides use ``--device``.
 
     .venv/bin/python benchmarks/bench_end_to_end.py [--quick] [--examples 480] [--max-test 200]
 """
@@ -143,8 +139,9 @@ def deltatune_command(args: Any, steps: int, output: Path) -> list[str]:
         "--targets",
         "all-linear",
         "--no-forgetting",
-        "--max-test",
-        str(args.max_test),
+        "--no-test",
+        "--device",
+        "cuda" if args.device == "cuda" else "cpu",
         "--max-eval",
         str(args.max_eval),
         "--max-train",
@@ -175,8 +172,8 @@ def run_side(name: str, cmd: list[str], threads: int, timeout: float) -> common.
     return run
 
 
-def score(adapters: dict[str, Path], examples: int, max_test: int) -> dict[str, dict[str, float]]:
-    """Accuracy of each adapter on the test examples, by deltatune's evaluate (CPU, fp32)."""
+def score(adapters: dict[str, Path | None], examples: int, max_test: int) -> dict[str, dict[str, float]]:
+    """Accuracy of each adapter (None: the base model) on the test examples, by deltatune's evaluate."""
     from deltatune import PeftModel
     from deltatune.data import load_dataset
     from deltatune.models import load_model
@@ -190,7 +187,7 @@ def score(adapters: dict[str, Path], examples: int, max_test: int) -> dict[str, 
         train_records = load_dataset("rotten-tomatoes", "train")[:examples]
         task = build_task("label-generation", tokenizer, train_records, OPTIONS)
         test = task.encode(load_dataset("rotten-tomatoes", "test")[:max_test], source="rotten-tomatoes (test)")
-        adapted = PeftModel.from_pretrained(model, str(directory))
+        adapted = PeftModel.from_pretrained(model, str(directory)) if directory is not None else model
         out[name] = evaluate(adapted, task, test, 32, Distributed())
         print(f"  {name}: accuracy {out[name]['accuracy']:.4f} on {len(test)} test examples", flush=True)
     return out
@@ -238,12 +235,9 @@ def main() -> None:
         "the time comparison holds only at equal test accuracy",
         "deltatune computes the LM head at the answer position only and the shared prompt prefix once per "
         "batch; the Trainer side uses the standard recipe (full causal-LM loss call, labels -100 but the answer)",
-        f"deltatune's wall time includes scoring {args.max_test} test examples before and after training, "
-        f"{args.max_eval} validation examples and checkpoints; the Trainer's wall time includes none of these",
+        f"deltatune's wall time includes scoring {args.max_eval} validation examples and writing checkpoints; "
+        "the Trainer's includes neither",
     ]
-    if env.cuda:
-        notes.append("deltatune train has no device option and runs on the CPU: with CUDA the sides are not comparable")
-        print("warning: " + notes[-1])
     print(f"fine-tuning on {args.examples} examples ({steps} steps of {BATCH}), {env.threads} threads per side")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="deltatune-e2e-"))
@@ -263,7 +257,9 @@ def main() -> None:
         summaries["peft"].append(json.loads((peft_dir / "summary.json").read_text()))
 
     print("\nscoring both adapters with deltatune's evaluate:")
-    accuracy = score({"deltatune": ours_dir / "adapter", "peft": peft_dir / "adapter"}, args.examples, args.max_test)
+    accuracy = score(
+        {"base": None, "deltatune": ours_dir / "adapter", "peft": peft_dir / "adapter"}, args.examples, args.max_test
+    )
     ours_summary, peft_summary = summaries["deltatune"][-1], summaries["peft"][-1]
 
     def med(side: str, field: str) -> float:
@@ -279,7 +275,7 @@ def main() -> None:
     if env.cuda and "cuda_peak_mib" in peft_summary:
         ratios["cuda_peak/deltatune_over_peft"] = ours_summary["peak_memory_mib"] / peft_summary["cuda_peak_mib"]
     acc = {k: v["accuracy"] for k, v in accuracy.items()}
-    before = (ours_summary.get("test_before") or {}).get("accuracy")
+    before = accuracy.pop("base")["accuracy"]
     print(f"\n{'':<12}{'wall s':>10}{'train s':>10}{'peak RSS MiB':>14}{'test acc':>10}")
     for side in ("deltatune", "peft"):
         print(
@@ -312,7 +308,6 @@ def main() -> None:
         max_test=args.max_test,
         accuracy=acc,
         accuracy_before=before,
-        accuracy_in_deltatune_summary=(ours_summary.get("test_after") or {}).get("accuracy"),
         comparable=comparable,
         accuracy_tolerance=tolerance,
         wall_s={side: [r.wall_s for r in runs[side]] for side in runs},

@@ -6,6 +6,11 @@ step, on a batch of 8 x 128 random token ids. Two adapter configs:
 * ``all_linear``: every linear layer of the blocks, r=16, alpha=32, dropout 0;
 * ``qv``: ``q_proj`` and ``v_proj``, r=8, alpha=16, dropout 0.05.
 
+``<config>/deltatune_fused`` is the same deltatune model with the loss as ``deltatune train``
+computes it for causal-LM data (``deltatune.losses.HeadLoss``: the LM head fused with the
+cross-entropy, a chunk of positions at a time, no full logits tensor); the loss is the same mean
+over the same tokens (the script checks the two losses agree).
+
 For scale, the same step with full fine-tuning (every weight trained, AdamW over all of them) and
 with the base frozen and no adapter at all (input embeddings require grad, so backward runs
 through every layer but computes no weight gradient: the floor any adapter method pays) run in the
@@ -32,6 +37,7 @@ CONFIGS = {
     "qv": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
 }
 LR = 1e-4
+LIBRARIES = ("deltatune", "deltatune_fused", "peft")
 
 
 def build(case: str, env: common.Env) -> tuple[nn.Module, torch.optim.Optimizer | None]:
@@ -48,7 +54,7 @@ def build(case: str, env: common.Env) -> tuple[nn.Module, torch.optim.Optimizer 
         return model, None
     else:
         config, library = case.split("/")
-        if library == "deltatune":
+        if library.startswith("deltatune"):
             import deltatune
 
             model = deltatune.get_peft_model(model, deltatune.LoraConfig(task_type="CAUSAL_LM", **CONFIGS[config]))
@@ -60,9 +66,23 @@ def build(case: str, env: common.Env) -> tuple[nn.Module, torch.optim.Optimizer 
     return model, torch.optim.AdamW(common.trainable(model), lr=LR)
 
 
-def step_fn(model: nn.Module, optimizer: torch.optim.Optimizer | None, ids: torch.Tensor) -> Callable[[], None]:
+def loss_fn(case: str, model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The mean next-token loss over all positions: the model's own (``labels=``) or deltatune's fused one."""
+    if case.endswith("/deltatune_fused"):
+        from deltatune.losses import HeadLoss
+
+        head_loss, targets = HeadLoss(), ids[:, 1:]
+        return lambda: head_loss.loss_sum(model, {"input_ids": ids}, targets, lambda out: out[:, :-1]) / targets.numel()
+    return lambda: model(input_ids=ids, labels=ids).loss
+
+
+def step_fn(
+    case: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, ids: torch.Tensor
+) -> Callable[[], None]:
+    compute_loss = loss_fn(case, model, ids)
+
     def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = compute_loss()
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -84,7 +104,7 @@ def run_child(case: str, env: common.Env) -> None:
         return
     model, optimizer = build(case, env)
     ids = common.random_ids(model.config.vocab_size, *shape(env), env)
-    step = step_fn(model, optimizer, ids)
+    step = step_fn(case, model, optimizer, ids)
     common.reset_cuda_peak(env)
     for _ in range(1 if env.quick else 2):
         step()
@@ -108,21 +128,24 @@ def main() -> None:
     if not args.no_memory:  # first, while this process is small (see common.peak_rss_mib)
         print("\npeak memory, one case per child process:")
         configs = ["all_linear"] if env.quick else list(CONFIGS)
-        cases = ["load_forward"] + [f"{c}/{lib}" for c in configs for lib in ("deltatune", "peft")]
+        cases = ["load_forward"] + [f"{c}/{lib}" for c in configs for lib in LIBRARIES]
         if not args.no_scale and not env.quick:
             cases += ["full_ft", "frozen_base"]
         memory = common.children_memory(__file__, cases)
         floor = common.memory_of(memory["load_forward"])
         for config in configs:
-            ours, theirs = (common.memory_of(memory[f"{config}/{lib}"]) for lib in ("deltatune", "peft"))
-            ratios[f"{config}/memory_deltatune_over_peft"] = ours / theirs
-            if not env.cuda:  # RSS includes the loaded model and libraries; the increment shows the step's own
-                ratios[f"{config}/memory_above_load_deltatune_over_peft"] = (ours - floor) / max(theirs - floor, 1e-9)
+            theirs = common.memory_of(memory[f"{config}/peft"])
+            for lib in ("deltatune", "deltatune_fused"):
+                ours = common.memory_of(memory[f"{config}/{lib}"])
+                ratios[f"{config}/memory_{lib}_over_peft"] = ours / theirs
+                if not env.cuda:  # RSS includes the loaded model and libraries; the increment is the step's own
+                    ratios[f"{config}/memory_above_load_{lib}_over_peft"] = (ours - floor) / max(theirs - floor, 1e-9)
 
     times: dict[str, dict[str, list[float]]] = {}
     trainable: dict[str, int] = {}
+    checks: dict[str, float] = {}
     for config in CONFIGS:
-        names = [f"{config}/deltatune", f"{config}/peft"]
+        names = [f"{config}/{lib}" for lib in LIBRARIES]
         if config == "all_linear" and not args.no_scale:
             names += ["full_ft", "frozen_base"]
         cases = {}
@@ -130,17 +153,25 @@ def main() -> None:
             model, optimizer = build(name, env)
             trainable[name] = sum(p.numel() for p in common.trainable(model))
             ids = common.random_ids(model.config.vocab_size, batch, length, env)
-            cases[name] = step_fn(model, optimizer, ids)
-        assert trainable[names[0]] == trainable[names[1]], f"trainable parameters differ: {trainable}"
+            cases[name] = step_fn(name, model, optimizer, ids)
+            if name.endswith("/deltatune_fused"):  # the fused loss is the model's own loss
+                with torch.no_grad():
+                    fused, plain = loss_fn(name, model, ids)(), model(input_ids=ids, labels=ids).loss
+                checks[f"{config}/fused_loss_minus_model_loss"] = float(fused - plain)
+                print(f"{config}: fused loss {float(fused):.6f}, model's own loss {float(plain):.6f}")
+        assert trainable[names[0]] == trainable[names[2]], f"trainable parameters differ: {trainable}"
         times[config] = common.alternate(cases, env, args.repeats, args.warmup)
         common.print_times(f"training step, {config} {CONFIGS[config]}", times[config])
-        ratios[f"{config}/time_deltatune_over_peft"] = common.ratio(times[config], names[0], names[1])
+        for lib in ("deltatune", "deltatune_fused"):
+            ratios[f"{config}/time_{lib}_over_peft"] = common.ratio(times[config], f"{config}/{lib}", f"{config}/peft")
         if "full_ft" in cases:
             ratios["full_ft_time_over_deltatune"] = common.ratio(times[config], "full_ft", names[0])
             ratios["frozen_base_time_over_deltatune"] = common.ratio(times[config], "frozen_base", names[0])
         del cases, model, optimizer
 
-    common.emit("train_step", env, args, ratios, times, batch=[batch, length], trainable=trainable, memory=memory)
+    common.emit(
+        "train_step", env, args, ratios, times, batch=[batch, length], trainable=trainable, memory=memory, checks=checks
+    )
 
 
 if __name__ == "__main__":

@@ -249,6 +249,14 @@ def test_train_writes_adapter_metrics_curves_summary(assets, trained_run):
         assert image.size[0] > 100 and image.size[1] > 100
 
 
+def test_no_test_skips_the_test_evaluations(assets, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(assets, out, "--max-steps", "1", "--batch-size", "8", "--no-test")
+    check_ok(invoke(*args, "--test-data", assets.cls_eval_csv))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["test_before"] is None and summary["test_after"] is None
+
+
 def test_train_summary_holds_the_evidence(assets, trained_run):
     out, _ = trained_run
     summary = json.loads((out / "summary.json").read_text())

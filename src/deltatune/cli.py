@@ -204,6 +204,12 @@ def data_options(f: Any) -> Any:
     default=True,
     help="Measure the base model's loss on held-out general text before and after.",
 )
+@click.option(
+    "--test/--no-test",
+    "test_eval",
+    default=True,
+    help="Evaluate on the test split before and after training.",
+)
 @friendly_errors
 def train(**options: Any) -> None:
     """Fine-tune a model: progress bar, evaluation, checkpoints, and a summary of PEFT's promises."""

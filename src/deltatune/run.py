@@ -191,6 +191,8 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
     eval_records = _limit(eval_records, options["max_eval"])
     test_records = _limit(test_records, options["max_test"])
     eval_examples = task.encode(eval_records, source=eval_name) if eval_records else None
+    if not options.get("test_eval", True):
+        test_records = []
     test_examples = task.encode(test_records, source=test_name) if test_records else None
     source = options["data"]
     if not options["resume"] and dist_env.main:
