@@ -9,7 +9,11 @@ step, on a batch of 8 x 128 random token ids. Two adapter configs:
 ``<config>/deltatune_fused`` is the same deltatune model with the loss as ``deltatune train``
 computes it for causal-LM data (``deltatune.losses.HeadLoss``: the LM head fused with the
 cross-entropy, a chunk of positions at a time, no full logits tensor); the loss is the same mean
-over the same tokens (the script checks the two losses agree).
+over the same tokens (the script checks the two losses agree). With ``--compile``,
+``<config>/deltatune_fused_compiled`` adds the same step with ``torch.compile`` on each block
+(``deltatune train --compile``); the compilation happens in the warm-up round. With
+``--checkpointing``, ``<config>/deltatune_fused_checkpointed`` adds it with gradient checkpointing
+(``--gradient-checkpointing``: activations recomputed in backward), time and memory.
 
 For scale, the same step with full fine-tuning (every weight trained, AdamW over all of them) and
 with the base frozen and no adapter at all (input embeddings require grad, so backward runs
@@ -25,6 +29,7 @@ gradients, the floor under every RSS figure (libraries, weights, one pass of act
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import torch
@@ -58,6 +63,14 @@ def build(case: str, env: common.Env) -> tuple[nn.Module, torch.optim.Optimizer 
             import deltatune
 
             model = deltatune.get_peft_model(model, deltatune.LoraConfig(task_type="CAUSAL_LM", **CONFIGS[config]))
+            if library.endswith("_compiled"):
+                from deltatune.train import compile_blocks
+
+                compile_blocks(model)  # compiles at the first (warm-up) step
+            if library.endswith("_checkpointed"):
+                from deltatune.train import enable_gradient_checkpointing
+
+                enable_gradient_checkpointing(model)
         else:
             import peft
 
@@ -66,9 +79,15 @@ def build(case: str, env: common.Env) -> tuple[nn.Module, torch.optim.Optimizer 
     return model, torch.optim.AdamW(common.trainable(model), lr=LR)
 
 
+def variants(args: argparse.Namespace, memory: bool = False) -> tuple[str, ...]:
+    """Extra deltatune cases asked for: compiled (timing only: compiling dominates one child), checkpointed."""
+    names = () if memory or not args.compile else ("deltatune_fused_compiled",)
+    return names + (("deltatune_fused_checkpointed",) if args.checkpointing else ())
+
+
 def loss_fn(case: str, model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
     """The mean next-token loss over all positions: the model's own (``labels=``) or deltatune's fused one."""
-    if case.endswith("/deltatune_fused"):
+    if "/deltatune_fused" in case:
         from deltatune.losses import HeadLoss
 
         head_loss, targets = HeadLoss(), ids[:, 1:]
@@ -115,6 +134,15 @@ def main() -> None:
     parser = common.parser(__doc__, repeats=5, warmup=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory child processes")
     parser.add_argument("--no-scale", action="store_true", help="skip the full fine-tuning and frozen-base cases")
+    parser.add_argument(
+        "--compile", action="store_true", help="add deltatune's fused step with torch.compile per block (timing only)"
+    )
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="add deltatune's fused step with gradient checkpointing"
+    )
+    parser.add_argument(
+        "--configs", type=lambda text: text.split(","), default=list(CONFIGS), help="comma-separated adapter configs"
+    )
     args = parser.parse_args()
     env = common.setup(args)
     if args.child:
@@ -127,15 +155,15 @@ def main() -> None:
     memory: dict[str, dict] = {}
     if not args.no_memory:  # first, while this process is small (see common.peak_rss_mib)
         print("\npeak memory, one case per child process:")
-        configs = ["all_linear"] if env.quick else list(CONFIGS)
-        cases = ["load_forward"] + [f"{c}/{lib}" for c in configs for lib in LIBRARIES]
+        configs = ["all_linear"] if env.quick else args.configs
+        cases = ["load_forward"] + [f"{c}/{lib}" for c in configs for lib in LIBRARIES + variants(args, memory=True)]
         if not args.no_scale and not env.quick:
             cases += ["full_ft", "frozen_base"]
         memory = common.children_memory(__file__, cases)
         floor = common.memory_of(memory["load_forward"])
         for config in configs:
             theirs = common.memory_of(memory[f"{config}/peft"])
-            for lib in ("deltatune", "deltatune_fused"):
+            for lib in ("deltatune", "deltatune_fused", *variants(args, memory=True)):
                 ours = common.memory_of(memory[f"{config}/{lib}"])
                 ratios[f"{config}/memory_{lib}_over_peft"] = ours / theirs
                 if not env.cuda:  # RSS includes the loaded model and libraries; the increment is the step's own
@@ -144,8 +172,8 @@ def main() -> None:
     times: dict[str, dict[str, list[float]]] = {}
     trainable: dict[str, int] = {}
     checks: dict[str, float] = {}
-    for config in CONFIGS:
-        names = [f"{config}/{lib}" for lib in LIBRARIES]
+    for config in args.configs:
+        names = [f"{config}/{lib}" for lib in LIBRARIES + variants(args)]
         if config == "all_linear" and not args.no_scale:
             names += ["full_ft", "frozen_base"]
         cases = {}
@@ -164,6 +192,11 @@ def main() -> None:
         common.print_times(f"training step, {config} {CONFIGS[config]}", times[config])
         for lib in ("deltatune", "deltatune_fused"):
             ratios[f"{config}/time_{lib}_over_peft"] = common.ratio(times[config], f"{config}/{lib}", f"{config}/peft")
+        for variant in variants(args):
+            name = variant.removeprefix("deltatune_fused_")
+            ratios[f"{config}/time_{name}_over_fused"] = common.ratio(
+                times[config], f"{config}/{variant}", f"{config}/deltatune_fused"
+            )
         if "full_ft" in cases:
             ratios["full_ft_time_over_deltatune"] = common.ratio(times[config], "full_ft", names[0])
             ratios["frozen_base_time_over_deltatune"] = common.ratio(times[config], "frozen_base", names[0])

@@ -425,9 +425,12 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    if not hasattr(inner, "gradient_checkpointing_enable"):
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(inner, "gradient_checkpointing_enable"):
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
         raise ValueError(f"{type(inner).__name__} does not support gradient checkpointing")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(inner, "enable_input_require_grads"):
         inner.enable_input_require_grads()  # frozen embeddings: keep a graph through the checkpoints
     if getattr(inner, "config", None) is not None:
