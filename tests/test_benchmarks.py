@@ -40,3 +40,16 @@ def test_benchmarks_quick_runs_print_a_result():
         for key, diff in record.get("checks", {}).items():
             if "expected_nonzero" not in key:
                 assert diff < 1e-3, (script, key, diff)  # identical adapters: the same outputs in both libraries
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_checks_the_fused_loss_against_the_models_own():
+    record = run_quick("bench_train_step.py")
+    assert {"all_linear/time_deltatune_fused_over_peft", "all_linear/memory_deltatune_fused_over_peft"} <= set(
+        record["ratios"]
+    )
+    assert record["checks"], record
+    for key, diff in record["checks"].items():
+        assert abs(diff) < 1e-4, (key, diff)  # the fused LM-head loss is the model's own loss
+    trainable = record["trainable"]
+    assert trainable["all_linear/deltatune_fused"] == trainable["all_linear/peft"] > 0
