@@ -182,3 +182,29 @@ def test_seq2seq_task_loss_equals_the_models_own_loss():
     torch.testing.assert_close(loss, out.loss * (labels != -100).sum())
     for got, want in zip(fused_grads, _lora_grads(model)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _Seq2SeqWithoutDecoderInputHelper(torch.nn.Module):
+    """An encoder-decoder that only takes ``labels`` (no ``prepare_decoder_input_ids_from_labels``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_t5()
+        self.config = self.inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_seq2seq_model_that_needs_labels_gets_the_plain_loss():
+    model = _Seq2SeqWithoutDecoderInputHelper()
+    labels = torch.tensor([[5, 6, 7, 8], [9, 10, -100, -100]])
+    batch = {
+        "input_ids": torch.tensor([[11, 12, 13], [14, 15, 16]]),
+        "attention_mask": torch.ones(2, 3, dtype=torch.long),
+    }
+    loss = Seq2Seq(TOKENIZER).loss_sum(model, {**batch, "labels": labels})
+    torch.testing.assert_close(loss, model(**batch, labels=labels).loss * 6)

@@ -199,7 +199,7 @@ class HeadLoss:
                     try:
                         fused = self._fused(model, head, inputs, targets, window).float()
                         found = f"{float(fused):.4f}"
-                    except RuntimeError as error:  # e.g. an addition shaped for the vocabulary
+                    except (RuntimeError, IndexError, ValueError) as error:  # e.g. an op shaped for the vocabulary
                         fused, found = None, f"an error: {error}"
             finally:
                 model.train(training)

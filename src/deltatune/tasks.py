@@ -518,6 +518,6 @@ class Seq2Seq(Task):
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         if hasattr(base, "prepare_decoder_input_ids_from_labels"):  # no second loss inside the model
             inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
-        else:
-            inputs["labels"] = labels
-        return self.head_loss.loss_sum(model, inputs, labels)
+            return self.head_loss.loss_sum(model, inputs, labels)
+        logits = model(**inputs, labels=labels).logits  # the model shifts the labels itself
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
