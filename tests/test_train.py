@@ -151,10 +151,21 @@ def latest_step(out: Path) -> int | None:
     return int(name.rsplit("-", 1)[1]) if name.startswith("checkpoint-") else None
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that; a user's
+    # Ctrl-C reaches a process whose SIGINT is not ignored, so restore the default before exec.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_training(out: Path, args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as fh:
         return subprocess.Popen(
-            deltatune_command(*args), stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT
+            deltatune_command(*args),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            cwd=ROOT,
+            preexec_fn=_default_sigint,
         )
 
 
