@@ -116,10 +116,7 @@ def shape(env: common.Env) -> tuple[int, int]:
 
 def run_child(case: str, env: common.Env) -> None:
     if case == "load_forward":
-        model, _ = common.load_smollm(env)
-        with torch.no_grad():
-            model(input_ids=common.random_ids(model.config.vocab_size, *shape(env), env))
-        common.report_child_memory(env)
+        common.load_forward_child(env, *shape(env))
         return
     model, optimizer = build(case, env)
     ids = common.random_ids(model.config.vocab_size, *shape(env), env)

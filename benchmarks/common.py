@@ -193,6 +193,14 @@ def peak_rss_mib() -> float:
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
 
 
+def load_forward_child(env: Env, batch: int, length: int) -> None:
+    """The memory floor: load the model, run one forward pass without gradients, report the peak."""
+    model, _ = load_smollm(env)
+    with torch.no_grad():
+        model(input_ids=random_ids(model.config.vocab_size, batch, length, env))
+    report_child_memory(env)
+
+
 def report_child_memory(env: Env, **extra: Any) -> None:
     """Print this process's peak memory as a ``MEMORY`` line (called at the end of a child)."""
     record: dict[str, Any] = {
