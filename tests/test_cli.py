@@ -566,6 +566,7 @@ def test_label_generation_loss_and_gradients_match_one_example_at_a_time(assets)
             int(model(input_ids=torch.tensor([e.input_ids])).logits[0, -1, task.answer_ids].argmax()) for e in examples
         ]
     assert predictions == alone
+    assert task.head_loss.verdicts == {id(model): True}  # the head ran outside the model, on contiguous rows
 
 
 # -- bad input ---------------------------------------------------------------------------------------

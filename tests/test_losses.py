@@ -147,17 +147,50 @@ def test_an_undeclared_logit_transform_is_caught_on_the_first_batch(how):
     task.loss_sum(model, batch)  # decided once: no second check, no second warning
 
 
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_logits_with_the_head_run_outside_equal_the_models_own(factory):
+    model = dt.get_peft_model(factory(), dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    outputs = lambda: model(input_ids=ids, logits_to_keep=1).logits[:, -1]  # noqa: E731  a strided slice
+    head_loss = HeadLoss()
+    with torch.no_grad():
+        got = head_loss.logits_of(model, outputs)
+        want = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(got, want)
+    assert got.dtype == torch.float32 and head_loss.verdicts == {id(model): True}
+
+
+def test_logits_of_a_model_with_lora_on_its_head_are_the_models_own():
+    model = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    )
+    ids = torch.tensor([[5, 6, 7, 8]])
+    head_loss = HeadLoss()
+    with torch.no_grad():
+        got = head_loss.logits_of(model, lambda: model(input_ids=ids).logits)
+        torch.testing.assert_close(got, model(input_ids=ids).logits)
+    assert head_loss.verdicts == {}
+
+
+@pytest.mark.parametrize("how", ["soft cap", "vocabulary bias"])
+def test_logits_of_an_undeclared_logit_transform_are_caught(how):
+    model = _PostProcessedLogits(how)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    head_loss = HeadLoss()
+    with torch.no_grad(), pytest.warns(UserWarning, match="changes its logits after the head"):
+        got = head_loss.logits_of(model, lambda: model(input_ids=ids).logits[:, -1])
+    torch.testing.assert_close(got, model(input_ids=ids).logits[:, -1])
+    assert head_loss.verdicts == {id(model): False}
+
+
 def test_the_first_batch_check_draws_no_random_numbers_and_keeps_the_mode():
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.3))
     model.train()
     state = torch.random.get_rng_state()
-    HeadLoss()._fused_agrees(
-        model,
-        plain_head(model),
-        {"input_ids": torch.tensor([[5, 6, 7]])},
-        torch.tensor([[6, 7, -100]]),
-        lambda out: out,
-    )
+    outputs = lambda: model(input_ids=torch.tensor([[5, 6, 7]])).logits  # noqa: E731
+    HeadLoss()._agrees(model, plain_head(model), outputs, torch.tensor([[6, 7, -100]]))
+    HeadLoss()._agrees(model, plain_head(model), outputs, None)
     assert torch.equal(state, torch.random.get_rng_state()) and model.training
 
 

@@ -153,11 +153,14 @@ def plain_head(model: Any) -> nn.Linear | None:
 
 
 class HeadLoss:
-    """Summed next-token loss of a model's outputs: fused with the head where that is exact, else plain.
+    """The LM head applied here instead of inside the model, where that is exact; else the model's own logits.
 
-    Whether the fused path gives the model's own loss is checked once per model, on its first batch,
-    in eval mode without gradients (no dropout, no random numbers drawn): a model that changes the
-    logits after the head in a way :func:`plain_head` does not know gets the plain path and a warning.
+    ``outputs`` arguments are callables that run the model and return its logits at the positions
+    that count (any leading shape, vocabulary last); while the head passes its input through, the
+    same callable returns the hidden states there. Whether that gives the model's own numbers is
+    checked once per model, on its first batch, in eval mode without gradients (no dropout, no
+    random numbers drawn): a model that changes the logits after the head in a way
+    :func:`plain_head` does not know gets the plain path and a warning.
     """
 
     def __init__(self) -> None:
@@ -171,43 +174,76 @@ class HeadLoss:
         window: Callable[[torch.Tensor], torch.Tensor] = lambda out: out,
     ) -> torch.Tensor:
         """``window(model(**inputs).logits)`` scored against ``targets`` (-100: no label), summed."""
+        return self.loss_sum_of(model, lambda: window(model(**inputs).logits), targets)
+
+    def loss_sum_of(self, model: Any, outputs: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of ``outputs()`` against ``targets`` (same shape less the vocabulary)."""
         head = plain_head(model)
-        if head is not None and self._fused_agrees(model, head, inputs, targets, window):
-            return self._fused(model, head, inputs, targets, window)
-        return self._plain(model, inputs, targets, window)
+        if head is not None and self._agrees(model, head, outputs, targets):
+            return self._fused(head, outputs, targets)
+        return self._plain(outputs, targets)
+
+    def logits_of(self, model: Any, outputs: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``outputs()`` in float32, with the head run here on a contiguous block of hidden states.
+
+        transformers models apply their head to a strided slice (``logits_to_keep``); on such a
+        3-d view ``nn.Linear`` falls back to a batched product over copies of the head's weight,
+        several times slower than one matrix product for a large vocabulary.
+        """
+        head = plain_head(model)
+        if head is not None and self._agrees(model, head, outputs, None):
+            return self._head_logits(head, outputs)
+        return outputs().float()
 
     @staticmethod
-    def _plain(model: Any, inputs: dict[str, Any], targets: torch.Tensor, window: Callable) -> torch.Tensor:
-        logits = window(model(**inputs).logits)
+    def _plain(outputs: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        logits = outputs()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
 
     @staticmethod
-    def _fused(model: Any, head: nn.Linear, inputs: dict[str, Any], targets: torch.Tensor, window: Callable):
+    def _fused(head: nn.Linear, outputs: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         with head_passes_hidden_states(head):
-            hidden = window(model(**inputs).logits)
+            hidden = outputs()
         labelled = targets != IGNORE_INDEX
         return fused_linear_cross_entropy(hidden[labelled], head.weight, targets[labelled], bias=head.bias)
 
-    def _fused_agrees(self, model: Any, head: nn.Linear, inputs: dict, targets: torch.Tensor, window: Callable) -> bool:
+    @staticmethod
+    def _head_logits(head: nn.Linear, outputs: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with head_passes_hidden_states(head):
+            hidden = outputs()
+        rows = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        return F.linear(rows, head.weight, head.bias).float().reshape(*hidden.shape[:-1], -1)
+
+    def _agrees(
+        self, model: Any, head: nn.Linear, outputs: Callable[[], torch.Tensor], targets: torch.Tensor | None
+    ) -> bool:
+        """Once per model: the head run here gives the model's own loss (or, without targets, logits)."""
         key = id(_inner(model))
         if key not in self.verdicts:
             training = model.training
             model.eval()
             try:
                 with torch.no_grad():
-                    plain = self._plain(model, inputs, targets, window).float()
+                    if targets is not None:
+                        plain = self._plain(outputs, targets).float()
+                        ours: Callable[[], torch.Tensor] = lambda: self._fused(head, outputs, targets).float()  # noqa: E731
+                    else:
+                        plain = outputs().float()
+                        ours = lambda: self._head_logits(head, outputs)  # noqa: E731
                     try:
-                        fused = self._fused(model, head, inputs, targets, window).float()
-                        found = f"{float(fused):.4f}"
+                        fused = ours()
+                        found = f"{float(fused.flatten()[0]):.4f}"
                     except (RuntimeError, IndexError, ValueError) as error:  # e.g. an op shaped for the vocabulary
                         fused, found = None, f"an error: {error}"
             finally:
                 model.train(training)
-            ok = fused is not None and bool(torch.isclose(fused, plain, rtol=1e-2, atol=1e-3))
+            ok = fused is not None and fused.shape == plain.shape
+            ok = ok and bool(torch.isclose(fused, plain, rtol=1e-2, atol=1e-3).all())
             if not ok:
                 warnings.warn(
-                    f"the fused LM-head loss gave {found} where the model's own logits give {float(plain):.4f}: "
-                    "the model changes its logits after the head; using the full logits",
+                    f"the LM head applied outside the model gave {found} where the model's own logits give "
+                    f"{float(plain.flatten()[0]):.4f}: the model changes its logits after the head; "
+                    "using the full logits",
                     stacklevel=3,
                 )
             self.verdicts[key] = ok

@@ -250,6 +250,7 @@ class LabelGeneration(Task):
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.answers, self.answer_ids = self._answer_tokens()
         self.shared_prefix = self._shared_prefix()
+        self.head_loss = HeadLoss()
 
     def prompt(self, text: str) -> str:
         content = self.instruction.format(text=text.strip())
@@ -303,12 +304,13 @@ class LabelGeneration(Task):
             batch["rest_mask"] = self._pad([[1] * (len(e.input_ids) - p) for e in examples], 0)
         return batch
 
-    def _logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    def _outputs(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """The model's outputs at each row's last position: logits, or hidden states while its head is bypassed."""
         if "shared_prefix" in batch and _plain_forward(model) and not _cache_off(model):
-            return self._logits_with_shared_prefix(model, batch)
-        return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1].float()
+            return self._outputs_with_shared_prefix(model, batch)
+        return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1]
 
-    def _logits_with_shared_prefix(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    def _outputs_with_shared_prefix(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         """Run the prompt prefix every example shares once, then each example's own tokens on its cache.
 
         Positions follow the attention mask (``p + cumsum(mask) - 1``), so a left-padded row computes
@@ -317,7 +319,7 @@ class LabelGeneration(Task):
         prefix, rest, rest_mask = batch["shared_prefix"], batch["rest_ids"], batch["rest_mask"]
         p = prefix.shape[1]
         inner = getattr(model, "module", model)  # run the prefix outside DDP: one DDP forward per backward
-        cache = inner(input_ids=prefix, use_cache=True)
+        cache = inner(input_ids=prefix, use_cache=True, logits_to_keep=1)
         cache = cache["cache"] if "cache" in cache else cache["past_key_values"]
         cache.batch_repeat_interleave(rest.shape[0])
         ones = torch.ones(rest.shape[0], p, dtype=rest_mask.dtype, device=rest_mask.device)
@@ -332,10 +334,13 @@ class LabelGeneration(Task):
             use_cache=True,
             **{name: cache},
         )
-        return out.logits[:, -1].float()
+        return out.logits[:, -1]
+
+    def _logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        return self.head_loss.logits_of(model, lambda: self._outputs(model, batch))
 
     def loss_sum(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        return F.cross_entropy(self._logits(model, batch), batch["target_tokens"], reduction="sum")
+        return self.head_loss.loss_sum_of(model, lambda: self._outputs(model, batch), batch["target_tokens"])
 
     def eval_sums(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         logits = self._logits(model, batch)
