@@ -99,7 +99,7 @@ def test_causal_lm_task_loss_equals_the_models_own_logits(factory):
     torch.testing.assert_close(loss, reference)
     for got, want in zip(fused_grads, _lora_grads(model)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert task.head_loss.verdicts == {id(model): True}
+    assert dict(task.head_loss.verdicts) == {plain_head(model): True}
 
 
 def test_causal_lm_task_with_lora_on_the_head_uses_the_plain_path():
@@ -107,7 +107,7 @@ def test_causal_lm_task_with_lora_on_the_head_uses_the_plain_path():
     assert plain_head(model) is None
     task, batch = CausalLM(TOKENIZER), _causal_batch()
     torch.testing.assert_close(task.loss_sum(model, batch), _reference_causal_loss(model, batch))
-    assert task.head_loss.verdicts == {}
+    assert not task.head_loss.verdicts
 
 
 def test_models_that_transform_their_logits_get_the_plain_path():
@@ -143,7 +143,7 @@ def test_an_undeclared_logit_transform_is_caught_on_the_first_batch(how):
     with pytest.warns(UserWarning, match="changes its logits after the head"):
         loss = task.loss_sum(model, batch)
     torch.testing.assert_close(loss, _reference_causal_loss(model, batch))
-    assert task.head_loss.verdicts == {id(model): False}
+    assert dict(task.head_loss.verdicts) == {plain_head(model.inner): False}
     task.loss_sum(model, batch)  # decided once: no second check, no second warning
 
 
@@ -158,7 +158,31 @@ def test_logits_with_the_head_run_outside_equal_the_models_own(factory):
         got = head_loss.logits_of(model, outputs)
         want = model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(got, want)
-    assert got.dtype == torch.float32 and head_loss.verdicts == {id(model): True}
+    assert got.dtype == torch.float32 and dict(head_loss.verdicts) == {plain_head(model): True}
+
+
+def test_the_head_is_checked_once_for_a_model_and_its_view_without_adapters():
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    calls = []
+
+    def outputs(disabled: bool) -> torch.Tensor:
+        calls.append(disabled)
+        if disabled:
+            with model.disable_adapter():
+                return model(input_ids=ids).logits
+        return model(input_ids=ids).logits
+
+    head_loss = HeadLoss()
+    with torch.no_grad():
+        adapted = head_loss.logits_of(model, lambda: outputs(False))
+        base = head_loss.logits_of(model.get_base_model(), lambda: outputs(True))
+        torch.testing.assert_close(adapted, model(input_ids=ids).logits)
+        with model.disable_adapter():
+            torch.testing.assert_close(base, model(input_ids=ids).logits)
+    assert calls == [False, False, True]  # the check ran the model twice (its results are the answer); the view once
+    assert not torch.allclose(adapted, base)
 
 
 def test_logits_of_a_model_with_lora_on_its_head_are_the_models_own():
@@ -170,7 +194,7 @@ def test_logits_of_a_model_with_lora_on_its_head_are_the_models_own():
     with torch.no_grad():
         got = head_loss.logits_of(model, lambda: model(input_ids=ids).logits)
         torch.testing.assert_close(got, model(input_ids=ids).logits)
-    assert head_loss.verdicts == {}
+    assert not head_loss.verdicts
 
 
 @pytest.mark.parametrize("how", ["soft cap", "vocabulary bias"])
@@ -181,7 +205,7 @@ def test_logits_of_an_undeclared_logit_transform_are_caught(how):
     with torch.no_grad(), pytest.warns(UserWarning, match="changes its logits after the head"):
         got = head_loss.logits_of(model, lambda: model(input_ids=ids).logits[:, -1])
     torch.testing.assert_close(got, model(input_ids=ids).logits[:, -1])
-    assert head_loss.verdicts == {id(model): False}
+    assert dict(head_loss.verdicts) == {plain_head(model.inner): False}
 
 
 def test_the_first_batch_check_draws_no_random_numbers_and_keeps_the_mode():

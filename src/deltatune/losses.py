@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -158,13 +159,14 @@ class HeadLoss:
     ``outputs`` arguments are callables that run the model and return its logits at the positions
     that count (any leading shape, vocabulary last); while the head passes its input through, the
     same callable returns the hidden states there. Whether that gives the model's own numbers is
-    checked once per model, on its first batch, in eval mode without gradients (no dropout, no
-    random numbers drawn): a model that changes the logits after the head in a way
-    :func:`plain_head` does not know gets the plain path and a warning.
+    checked once per model (per head module: a model and views of it with adapters disabled share
+    one), on its first batch, in eval mode without gradients (no dropout, no random numbers drawn):
+    a model that changes the logits after the head in a way :func:`plain_head` does not know gets
+    the plain path and a warning.
     """
 
     def __init__(self) -> None:
-        self.verdicts: dict[int, bool] = {}
+        self.verdicts: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def loss_sum(
         self,
@@ -191,9 +193,14 @@ class HeadLoss:
         several times slower than one matrix product for a large vocabulary.
         """
         head = plain_head(model)
-        if head is not None and self._agrees(model, head, outputs, None):
-            return self._head_logits(head, outputs)
-        return outputs().float()
+        if head is None:
+            return outputs().float()
+        if head not in self.verdicts and not model.training and not torch.is_grad_enabled():
+            ok, plain, ours = self._check(
+                model, head, lambda: outputs().float(), lambda: self._head_logits(head, outputs)
+            )
+            return ours if ok else plain  # evaluation already: the check's own results are the answer
+        return self._head_logits(head, outputs) if self._agrees(model, head, outputs, None) else outputs().float()
 
     @staticmethod
     def _plain(outputs: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -217,34 +224,40 @@ class HeadLoss:
     def _agrees(
         self, model: Any, head: nn.Linear, outputs: Callable[[], torch.Tensor], targets: torch.Tensor | None
     ) -> bool:
-        """Once per model: the head run here gives the model's own loss (or, without targets, logits)."""
-        key = id(_inner(model))
-        if key not in self.verdicts:
-            training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    if targets is not None:
-                        plain = self._plain(outputs, targets).float()
-                        ours: Callable[[], torch.Tensor] = lambda: self._fused(head, outputs, targets).float()  # noqa: E731
-                    else:
-                        plain = outputs().float()
-                        ours = lambda: self._head_logits(head, outputs)  # noqa: E731
-                    try:
-                        fused = ours()
-                        found = f"{float(fused.flatten()[0]):.4f}"
-                    except (RuntimeError, IndexError, ValueError) as error:  # e.g. an op shaped for the vocabulary
-                        fused, found = None, f"an error: {error}"
-            finally:
-                model.train(training)
-            ok = fused is not None and fused.shape == plain.shape
-            ok = ok and bool(torch.isclose(fused, plain, rtol=1e-2, atol=1e-3).all())
-            if not ok:
-                warnings.warn(
-                    f"the LM head applied outside the model gave {found} where the model's own logits give "
-                    f"{float(plain.flatten()[0]):.4f}: the model changes its logits after the head; "
-                    "using the full logits",
-                    stacklevel=3,
-                )
-            self.verdicts[key] = ok
-        return self.verdicts[key]
+        """Once per head: run here, it gives the model's own loss (or, without targets, logits)."""
+        if head not in self.verdicts:
+            if targets is not None:
+                plain_fn = lambda: self._plain(outputs, targets).float()  # noqa: E731
+                ours_fn = lambda: self._fused(head, outputs, targets)  # noqa: E731
+            else:
+                plain_fn = lambda: outputs().float()  # noqa: E731
+                ours_fn = lambda: self._head_logits(head, outputs)  # noqa: E731
+            self._check(model, head, plain_fn, ours_fn)
+        return self.verdicts[head]
+
+    def _check(
+        self, model: Any, head: nn.Linear, plain_fn: Callable[[], torch.Tensor], ours_fn: Callable[[], torch.Tensor]
+    ) -> tuple[bool, torch.Tensor, torch.Tensor | None]:
+        """Both results in eval mode without gradients; records (and returns) whether they agree."""
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                plain = plain_fn()
+                try:
+                    ours = ours_fn().float()
+                    found = f"{float(ours.flatten()[0]):.4f}"
+                except (RuntimeError, IndexError, ValueError) as error:  # e.g. an op shaped for the vocabulary
+                    ours, found = None, f"an error: {error}"
+        finally:
+            model.train(training)
+        ok = ours is not None and ours.shape == plain.shape
+        ok = ok and bool(torch.isclose(ours, plain, rtol=1e-2, atol=1e-3).all())
+        if not ok:
+            warnings.warn(
+                f"the LM head applied outside the model gave {found} where the model's own logits give "
+                f"{float(plain.flatten()[0]):.4f}: the model changes its logits after the head; using the full logits",
+                stacklevel=4,
+            )
+        self.verdicts[head] = ok
+        return ok, plain, ours
