@@ -2,8 +2,9 @@
 
 * :class:`LabelGeneration` -- classification posed as instruction following for a causal LM: the
   prompt ends where the answer starts and the first token of each label word decides the class.
-  The LM head runs at one position per example (``logits_to_keep=1``), not over the whole
-  vocabulary at every token. Metrics: accuracy and macro-F1 over the label words, and exact match
+  The LM head runs at one position per example, not over the whole vocabulary at every token,
+  and outside the model on contiguous rows (:class:`deltatune.losses.HeadLoss`; fused with the
+  cross-entropy in training). Metrics: accuracy and macro-F1 over the label words, and exact match
   (the label's token is the model's top token over the whole vocabulary).
 * :class:`CausalLM` -- prompt/response pairs (chat-formatted when the tokenizer has a template) or
   plain text; the loss covers response tokens only; batches are left-padded so that every label
