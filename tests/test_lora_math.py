@@ -211,6 +211,46 @@ def test_fused_lora_equals_the_plain_graph(conv1d, bias_trainable):
         torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_lora_without_gradients_skips_the_autograd_function_and_equals_the_formula(conv1d, monkeypatch):
+    from deltatune.methods.lora import FusedLoraLinear
+
+    pm, _ = wrap(conv1d=conv1d, r=3, lora_alpha=5, lora_dropout=0.1)
+    layer = pm.base_model.model.proj
+    layer.eval()
+    x = torch.randn(2, 5, 12)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    base = layer.base_layer
+    reference = x @ weight_out_in(base).T + base.bias + layer.scaling["default"] * (x @ A.T) @ B.T
+    with_function = layer(x)  # grad mode, trainable A and B: the autograd function
+
+    def refuse(*args):
+        raise AssertionError("FusedLoraLinear used where nothing needs a gradient")
+
+    monkeypatch.setattr(FusedLoraLinear, "apply", refuse)
+    with torch.no_grad():
+        without = layer(x)
+    A.requires_grad_(False), B.requires_grad_(False)
+    frozen = layer(x)  # grad mode, but nothing requires a gradient
+    for got in (with_function, without, frozen):
+        torch.testing.assert_close(got, reference, atol=1e-6, rtol=1e-5)
+    assert without.shape == x.shape[:-1] + (base.bias.shape[0],)
+
+
+def test_fused_path_with_several_active_adapters_of_which_one_is_on_the_layer():
+    """Two active adapters, only one of them on this layer: the fused path, the same output."""
+    pm, _ = wrap(r=3, lora_alpha=5)
+    pm.add_adapter("other", dt.LoraConfig(r=2, target_modules=["emb"], init_lora_weights=False))
+    layer = pm.base_model.model.proj
+    layer.active_adapters = ["default", "other"]  # as set_adapter leaves a layer that lacks "other"
+    x = torch.randn(2, 12)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    reference = layer.base_layer(x) + layer.scaling["default"] * (x @ A.T) @ B.T
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "FusedLoraLinearBackward"
+    torch.testing.assert_close(out, reference)
+
+
 def test_fused_lora_dropout_applies_one_mask_to_the_adapter_path_only():
     from deltatune.methods.lora import FusedLoraLinear
 

@@ -254,11 +254,13 @@ class LoraLinear(AdapterLayer):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.fused and not (args or kwargs or self.disabled or self.merged_adapters) and self.row_routing is None:
+            active = self.active_adapters if len(self.active_adapters) == 1 else self.routed_adapters()
+            if len(active) == 1:
+                fused = self._fused_forward(x, active[0])
+                if fused is not None:
+                    return fused
         routed = self.routed_adapters()
-        if self.fused and len(routed) == 1 and not args and not kwargs and self.row_routing is None:
-            fused = self._fused_forward(x, routed[0])
-            if fused is not None:
-                return fused
         result = self.base_layer(x, *args, **kwargs)
         routing = self.mixed_rows()
         if routing is not None:
@@ -277,24 +279,41 @@ class LoraLinear(AdapterLayer):
         return result
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """One adapter on a plain Linear/Conv1D: :class:`FusedLoraLinear` (None when it does not apply)."""
-        base = self.base_layer
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        """One adapter on a plain Linear/Conv1D: :class:`FusedLoraLinear` (None when it does not apply).
+
+        This runs once per adapted layer per forward pass (hundreds of times per token when
+        decoding), so it reads submodules from ``_modules`` rather than through ``nn.Module``'s
+        attribute fallback, and without gradients it skips the autograd function.
+        """
+        modules = self._modules
+        A_module = modules["lora_A"]._modules.get(name)
+        base = modules["base_layer"]
         if (
-            type(base) not in _FUSABLE
+            A_module is None
+            or type(base) not in _FUSABLE
             or base._forward_hooks
             or base._forward_pre_hooks  # e.g. a parallel bottleneck adapter reading this layer's input
-            or name in self.lora_magnitude_vector
-            or self.lora_B[name].bias is not None
+        ):
+            return None
+        B_module = modules["lora_B"]._modules[name]
+        A, B = A_module.weight, B_module.weight
+        if (
+            B_module.bias is not None
+            or name in self._modules["lora_magnitude_vector"]._parameters
             or not (x.dtype == base.weight.dtype == A.dtype)
         ):
             return None
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        mask = torch.rand_like(x) >= p if p > 0 else None
+        dropout = modules["lora_dropout"]._modules[name]
+        p = dropout.p if self.training and type(dropout) is nn.Dropout else 0.0
         weight = base.weight.T if self.fan_in_fan_out else base.weight
+        scale = self.scaling[name]
+        if p == 0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
+            out = F.linear(x, weight, base.bias)  # nothing to differentiate: the same products, no autograd node
+            low = F.linear(x, A).view(-1, A.shape[0])
+            return out.view(-1, out.shape[-1]).addmm_(low, B.T, alpha=scale).view_as(out)
+        mask = torch.rand_like(x) >= p if p > 0 else None
         keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
-        return FusedLoraLinear.apply(x, weight, base.bias, A, B, self.scaling[name], mask, keep_scale)
+        return FusedLoraLinear.apply(x, weight, base.bias, A, B, scale, mask, keep_scale)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """Each row gets its own adapter's update: stacked factors, gathered per row, two bmm calls.
