@@ -304,7 +304,7 @@ class LoraLinear(AdapterLayer):
         ):
             return None
         dropout = modules["lora_dropout"]._modules[name]
-        p = dropout.p if self.training and type(dropout) is nn.Dropout else 0.0
+        p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
         weight = base.weight.T if self.fan_in_fan_out else base.weight
         scale = self.scaling[name]
         if p == 0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
