@@ -212,9 +212,11 @@ def test_the_first_batch_check_draws_no_random_numbers_and_keeps_the_mode():
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.3))
     model.train()
     state = torch.random.get_rng_state()
+    head, targets = plain_head(model), torch.tensor([[6, 7, -100]])
     outputs = lambda: model(input_ids=torch.tensor([[5, 6, 7]])).logits  # noqa: E731
-    HeadLoss()._agrees(model, plain_head(model), outputs, torch.tensor([[6, 7, -100]]))
-    HeadLoss()._agrees(model, plain_head(model), outputs, None)
+    head_loss = HeadLoss()
+    plain_fn = lambda: head_loss._plain(outputs, targets)  # noqa: E731
+    assert head_loss._agrees(model, head, plain_fn, lambda: head_loss._fused(head, outputs, targets))
     assert torch.equal(state, torch.random.get_rng_state()) and model.training
 
 

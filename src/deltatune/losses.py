@@ -181,9 +181,11 @@ class HeadLoss:
     def loss_sum_of(self, model: Any, outputs: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of ``outputs()`` against ``targets`` (same shape less the vocabulary)."""
         head = plain_head(model)
-        if head is not None and self._agrees(model, head, outputs, targets):
-            return self._fused(head, outputs, targets)
-        return self._plain(outputs, targets)
+        if head is None:
+            return self._plain(outputs, targets)
+        plain_fn = lambda: self._plain(outputs, targets)  # noqa: E731
+        ours_fn = lambda: self._fused(head, outputs, targets)  # noqa: E731
+        return ours_fn() if self._agrees(model, head, plain_fn, ours_fn) else plain_fn()
 
     def logits_of(self, model: Any, outputs: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``outputs()`` in float32, with the head run here on a contiguous block of hidden states.
@@ -193,14 +195,14 @@ class HeadLoss:
         several times slower than one matrix product for a large vocabulary.
         """
         head = plain_head(model)
+        plain_fn = lambda: outputs().float()  # noqa: E731
         if head is None:
-            return outputs().float()
+            return plain_fn()
+        ours_fn = lambda: self._head_logits(head, outputs)  # noqa: E731
         if head not in self.verdicts and not model.training and not torch.is_grad_enabled():
-            ok, plain, ours = self._check(
-                model, head, lambda: outputs().float(), lambda: self._head_logits(head, outputs)
-            )
+            ok, plain, ours = self._check(model, head, plain_fn, ours_fn)
             return ours if ok else plain  # evaluation already: the check's own results are the answer
-        return self._head_logits(head, outputs) if self._agrees(model, head, outputs, None) else outputs().float()
+        return ours_fn() if self._agrees(model, head, plain_fn, ours_fn) else plain_fn()
 
     @staticmethod
     def _plain(outputs: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -221,17 +223,9 @@ class HeadLoss:
         rows = hidden.reshape(-1, hidden.shape[-1]).contiguous()
         return F.linear(rows, head.weight, head.bias).float().reshape(*hidden.shape[:-1], -1)
 
-    def _agrees(
-        self, model: Any, head: nn.Linear, outputs: Callable[[], torch.Tensor], targets: torch.Tensor | None
-    ) -> bool:
-        """Once per head: run here, it gives the model's own loss (or, without targets, logits)."""
+    def _agrees(self, model: Any, head: nn.Linear, plain_fn: Callable, ours_fn: Callable) -> bool:
+        """Once per head: the head run here gives what the model's own logits give."""
         if head not in self.verdicts:
-            if targets is not None:
-                plain_fn = lambda: self._plain(outputs, targets).float()  # noqa: E731
-                ours_fn = lambda: self._fused(head, outputs, targets)  # noqa: E731
-            else:
-                plain_fn = lambda: outputs().float()  # noqa: E731
-                ours_fn = lambda: self._head_logits(head, outputs)  # noqa: E731
             self._check(model, head, plain_fn, ours_fn)
         return self.verdicts[head]
 

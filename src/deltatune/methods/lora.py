@@ -308,9 +308,8 @@ class LoraLinear(AdapterLayer):
         weight = base.weight.T if self.fan_in_fan_out else base.weight
         scale = self.scaling[name]
         if p == 0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
-            out = F.linear(x, weight, base.bias)  # nothing to differentiate: the same products, no autograd node
-            low = F.linear(x, A).view(-1, A.shape[0])
-            return out.view(-1, out.shape[-1]).addmm_(low, B.T, alpha=scale).view_as(out)
+            out, _ = FusedLoraLinear.products(x, weight, base.bias, A, B, scale)  # nothing to differentiate
+            return out
         mask = torch.rand_like(x) >= p if p > 0 else None
         keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
         return FusedLoraLinear.apply(x, weight, base.bias, A, B, scale, mask, keep_scale)
@@ -440,21 +439,22 @@ class FusedLoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, A, B, scale, mask, keep_scale):  # noqa: ANN001, ANN205
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if mask is not None:
-            mask = mask.reshape(x2.shape)
-            low = (x2 * mask) @ A.T
-            low.mul_(keep_scale)
-        else:
-            low = x2 @ A.T
+    def products(x, weight, bias, A, B, scale, mask=None, keep_scale=1.0):  # noqa: ANN001, ANN205
+        """The forward's products, shared with the no-gradient path: the output and ``k (m x) A^T``."""
+        x2 = x.reshape(-1, x.shape[-1])
+        low = x2 @ A.T if mask is None else ((x2 * mask.reshape(x2.shape)) @ A.T).mul_(keep_scale)
         out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
         out.addmm_(low, B.T, alpha=scale)
-        ctx.save_for_backward(x2, weight, A, B, low, mask)
+        return out.reshape(*x.shape[:-1], out.shape[-1]), low
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, A, B, scale, mask, keep_scale):  # noqa: ANN001, ANN205
+        out, low = FusedLoraLinear.products(x, weight, bias, A, B, scale, mask, keep_scale)
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight, A, B, low, None if mask is None else mask.reshape(x2.shape))
         ctx.scale, ctx.keep_scale = scale, keep_scale
         ctx.has_bias = bias is not None
-        return out.reshape(*shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad):  # noqa: ANN001, ANN205
