@@ -113,3 +113,12 @@ def tmp_adapter_dir(tmp_path):
 def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     """A fresh tiny model of ``kind`` ("llama", "gpt2", "bert", "t5"); same seed, same weights."""
     return TINY_MODELS[kind](seed)
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int = 7) -> None:
+    """Make every trained tensor non-trivial (magnitudes, heads, biases), deterministically."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))

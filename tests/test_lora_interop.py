@@ -16,7 +16,7 @@ import torch
 
 import deltatune as dt
 
-from conftest import tiny_inputs, tiny_model
+from conftest import perturb_trainable, tiny_inputs, tiny_model
 
 TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -71,15 +71,6 @@ CASES = [
     for variant in VARIANTS
     if variant_kwargs(kind, variant) is not None
 ]
-
-
-def perturb_trainable(model: torch.nn.Module, seed: int = 7) -> None:
-    """Make every trained tensor non-trivial (magnitudes, heads, biases), deterministically."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
 
 
 def logits(model: torch.nn.Module, kind: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import deltatune as dt
 from deltatune.models import resolve_model_path
 from deltatune.prompt_learning import cache_argument
 
-from conftest import VOCAB, tiny_inputs, tiny_model
+from conftest import VOCAB, perturb_trainable, tiny_inputs, tiny_model
 
 N = 3  # virtual tokens in every test unless said otherwise
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
@@ -65,15 +65,6 @@ def method_config(lib, kind: str, method: str, n: int | None = N, task_type: str
         return lib.PrefixTuningConfig(**kwargs)
     assert method == "prefix-projection"
     return lib.PrefixTuningConfig(**kwargs, prefix_projection=True, encoder_hidden_size=16)
-
-
-def perturb_trainable(model: torch.nn.Module, seed: int = 7) -> None:
-    """Make every trained tensor non-trivial, deterministically."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
 
 
 def build(lib, kind: str, method: str, seed: int = 3, **kwargs):

@@ -424,7 +424,7 @@ def test_stock_trainer_with_save_adapter_callback(tmp_path):
     recorder = LogitsAtSave()
     trainer = HFTrainer(
         model=model,
-        args=hf_args(tmp_path, remove_unused_columns=False),
+        args=hf_args(tmp_path),  # remove_unused_columns=True: the base model's columns are kept
         train_dataset=lm_dataset(),
         callbacks=[SaveAdapterCallback(), recorder],
     )

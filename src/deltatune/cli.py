@@ -198,6 +198,13 @@ def data_options(f: Any) -> Any:
     default="auto",
     help="auto: this process's GPU when there is one (NCCL with torchrun), else the CPU.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    help="Forward pass under autocast (weights, gradients, optimizer stay fp32). auto: bf16 on a GPU that has it, "
+    "else fp32; fp16 adds loss scaling.",
+)
 @click.option("--fsdp", is_flag=True, help="Shard the model with FSDP across processes (with torchrun).")
 @click.option(
     "--forgetting/--no-forgetting",

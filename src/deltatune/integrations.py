@@ -3,13 +3,12 @@
 A stock ``Trainer`` recognises only its own model classes and HF PEFT's, and saves anything else
 as one full ``model.safetensors``. :class:`AdapterTrainer` saves a :class:`~deltatune.PeftModel`
 as what it is, an adapter (``adapter_config.json`` + ``adapter_model.safetensors``), in every
-checkpoint and at the end; :class:`SaveAdapterCallback` does the same for an unchanged ``Trainer``
-(which then also needs ``remove_unused_columns=False``: it cannot see the base model's inputs).
+checkpoint and at the end; :class:`SaveAdapterCallback` does the same for an unchanged ``Trainer``.
+Either keeps the right data columns: ``PeftModel.forward`` shows the base model's signature.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ def _unwrap(model: Any) -> Any:
 
 class AdapterTrainer(Trainer):
     """``transformers.Trainer`` that saves a deltatune model's adapters instead of the whole model."""
-
-    def _set_signature_columns_if_needed(self) -> None:
-        # Keep the data columns the *base* model's forward takes (PeftModel.forward takes **kwargs).
-        model = _unwrap(self.model)
-        if self._signature_columns is None and isinstance(model, PeftModel):
-            names = list(inspect.signature(model.get_base_model().forward).parameters)
-            self._signature_columns = names + sorted({"label", "label_ids", *self.label_names})
-        super()._set_signature_columns_if_needed()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = _unwrap(self.model)

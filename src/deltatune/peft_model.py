@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -52,6 +53,26 @@ class Parallel(tuple):
 
     def __new__(cls, *names: str) -> Parallel:
         return super().__new__(cls, names)
+
+
+class _ForwardWithBaseSignature:
+    """``PeftModel.forward`` as instances show it: the base model's forward parameters plus ``adapter_names``.
+
+    ``transformers.Trainer`` keeps only the data columns that ``inspect.signature(model.forward)``
+    names (it looks through HF PEFT's own classes alone), so a bare ``**kwargs`` would make it drop
+    every column. The bound forward carries the base model's signature instead.
+    """
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self.function
+        bound = functools.partial(self.function, instance)
+        bound.__signature__ = instance._forward_signature()
+        return bound
 
 
 class AdapterHost(nn.Module):
@@ -119,6 +140,20 @@ class PeftModel(nn.Module):
     @property
     def _model(self) -> nn.Module:
         return self.base_model.model
+
+    def _forward_signature(self) -> inspect.Signature:
+        signature = self.__dict__.get("_base_forward_signature")
+        if signature is None:
+            try:
+                base = inspect.signature(self._model.forward)
+            except (TypeError, ValueError):  # a builtin or C forward: say nothing beyond **kwargs
+                base = inspect.Signature([inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+            params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            signature = base.replace(parameters=[*params[:at], extra, *params[at:]])
+            self.__dict__["_base_forward_signature"] = signature
+        return signature
 
     # -- the adapter registry -------------------------------------------------------------------
     @property
@@ -342,8 +377,9 @@ class PeftModel(nn.Module):
                 return self.prompt_encoder[name]
         return None
 
+    @_ForwardWithBaseSignature
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward with the active adapters.
+        """The base model's forward with the active adapters (its signature is the base model's).
 
         ``adapter_names`` (one name per batch row, or ``"__base__"``) runs each row through its own
         adapter in the same batched call, as if it were alone in the batch.

@@ -24,7 +24,7 @@ from deltatune.config import PeftConfig
 from deltatune.models import EMBEDDED_MODELS, load_model
 from deltatune.peft_model import PeftModel, get_peft_model
 from deltatune.tasks import CausalLM, LabelGeneration, LabelSpace, Seq2Seq, SequenceClassification, Task
-from deltatune.train import Distributed, TrainArgs, Trainer, evaluate, peak_memory_mib
+from deltatune.train import Distributed, TrainArgs, Trainer, evaluate, peak_memory_mib, resolve_precision
 
 logger = logging.getLogger("deltatune")
 
@@ -181,7 +181,11 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
     say(f"loading {options['model']} for {task_kind} ...")
     labels = len({str(r.get(options["label_column"])) for r in train_records}) if task_kind == "seq-cls" else 2
     model, tokenizer = load_for_task(options["model"], task_kind, labels)
-    model.to(_device(options.get("device", "auto"), dist_env))
+    device = _device(options.get("device", "auto"), dist_env)
+    precision = resolve_precision(options.get("precision", "auto"), device)
+    if precision == "fp16" and options["fsdp"] and dist_env.world > 1:
+        raise ValueError("--precision fp16 (loss scaling) is not supported with --fsdp; use bf16 or fp32")
+    model.to(device)
     if task_kind == "causal-lm" and options["prompt_column"] not in columns:
         options = {**options, "prompt_column": None}
     task = build_task(task_kind, tokenizer, train_records, options)
@@ -207,18 +211,21 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
     else:
         trained = get_peft_model(model, config)
     trainable, total = _count(trained)
-    say(f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    say(
+        f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
+        f"{device.type}, {precision}"
+    )
 
     batch = options["eval_batch_size"]
     before = (
-        evaluate(trained if config is None else _base_view(trained), task, test_examples, batch, dist_env)
+        evaluate(trained if config is None else _base_view(trained), task, test_examples, batch, dist_env, precision)
         if (test_examples and not options["resume"])
         else None
     )
     if before:
         say(f"before training, test: {_short(before)}")
     general = _general_examples(tokenizer, family) if options["forgetting"] else None
-    forgetting_before = _general_loss(trained, general, dist_env, base=True) if general else None
+    forgetting_before = _general_loss(trained, general, dist_env, precision, base=True) if general else None
 
     args = TrainArgs(
         output=output,
@@ -238,6 +245,7 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
         resume=options["resume"],
         gradient_checkpointing=options["gradient_checkpointing"],
         compile=options.get("compile_blocks", False),
+        precision=precision,
     )
     progress = ProgressReporter(dist_env.main)
     trainer = Trainer(
@@ -252,10 +260,10 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
     )
     with progress:
         result = trainer.fit()
-    after = evaluate(trained, task, test_examples, batch, dist_env) if test_examples else None
+    after = evaluate(trained, task, test_examples, batch, dist_env, precision) if test_examples else None
     if after:
         say(f"after training, test: {_short(after)}")
-    forgetting_after = _general_loss(trained, general, dist_env, base=False) if general else None
+    forgetting_after = _general_loss(trained, general, dist_env, precision, base=False) if general else None
 
     summary = {
         "model": options["model"],
@@ -272,6 +280,8 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
         "peak_memory_mib": peak_memory_mib(),
         "processes": dist_env.world,
+        "device": device.type,
+        "precision": precision,
         "adapter_bytes": _folder_bytes(output / f"checkpoint-{result['steps']}" / "trained"),
         "full_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
         "main_metric": task.main_metric,
@@ -352,10 +362,10 @@ def _general_examples(tokenizer: Any, family: str) -> list[Any] | None:
     return [task, task.encode([{"text": t} for t in datasets.general_text(200)], source="general-text")]
 
 
-def _general_loss(model: nn.Module, general: list[Any], distributed: Distributed, base: bool) -> float:
+def _general_loss(model: nn.Module, general: list[Any], distributed: Distributed, precision: str, base: bool) -> float:
     task, examples = general
     view = _base_view(model) if base else model
-    return evaluate(view, task, examples, 32, distributed)["loss"]
+    return evaluate(view, task, examples, 32, distributed, precision)["loss"]
 
 
 def _wrapper(options: dict[str, Any], distributed: Distributed) -> Any:
@@ -475,7 +485,10 @@ def print_summary(summary: dict[str, Any]) -> None:
             "training",
             f"{summary['steps']} steps, {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:.0f} tok/s",
         ),
-        ("wall time", f"{summary['wall_seconds']:.0f} s"),
+        (
+            "wall time",
+            f"{summary['wall_seconds']:.0f} s ({summary.get('device', 'cpu')}, {summary.get('precision', 'fp32')})",
+        ),
         ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
         (
             "adapter size",

@@ -11,10 +11,16 @@ A checkpoint (every ``save_every`` steps, on Ctrl-C and at the end) holds the tr
 optimizer state and the RNG state in safetensors plus a JSON file with the step: the data
 position follows from the step, so ``resume`` continues exactly where the run stopped. Checkpoints
 are written to a temporary folder and renamed, so a crash never leaves a half-written one.
+
+Mixed precision (``precision`` bf16 or fp16) runs the forward pass and the loss under
+``torch.autocast``: matrix products in the low precision, weights, gradients and the optimizer
+state in float32. fp16 adds dynamic loss scaling (``torch.amp.GradScaler``), since its gradients
+underflow; bf16 has float32's exponent range and needs none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -63,9 +69,12 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     compile: bool = False
     resume: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16: see autocast()
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -175,6 +184,7 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
         self.step = 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -213,14 +223,18 @@ class Trainer:
             last = i == len(micro_batches) - 1
             batch = to_device(self.task.collate(micro), self.device)
             self.train_tokens += batch["tokens"]
-            loss = self.task.loss_sum(self.engine, batch) / units
-            sync = self.engine.no_sync() if hasattr(self.engine, "no_sync") and not last else _null_context()
+            with autocast(self.device, self.args.precision):
+                loss = self.task.loss_sum(self.engine, batch) / units
+            sync = self.engine.no_sync() if hasattr(self.engine, "no_sync") and not last else contextlib.nullcontext()
             with sync:
-                (loss * self.dist.world).backward()  # DDP averages over processes; the loss is a global sum
+                # DDP averages over processes; the loss is a global sum. The scaler is a no-op but for fp16.
+                self.scaler.scale(loss * self.dist.world).backward()
             loss_total += float(loss.detach())
         if self.args.clip:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return self.dist.all_sum(loss_total)
@@ -228,7 +242,9 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, examples: list[Example], model: nn.Module | None = None) -> dict[str, float]:
-        return evaluate(model or self.model, self.task, examples, self.args.eval_batch_size, self.dist)
+        return evaluate(
+            model or self.model, self.task, examples, self.args.eval_batch_size, self.dist, self.args.precision
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -295,6 +311,8 @@ class Trainer:
             self.dist.barrier()
             return None
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":  # dropout on a GPU draws from the device's generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {
             "step": self.step,
@@ -304,6 +322,7 @@ class Trainer:
             "optimizer": meta,
             "python_random": repr(random.getstate()),
             "global_batch": self.global_batch,
+            "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -331,13 +350,25 @@ class Trainer:
         load_trained(self.model, folder / "trained")
         tensors = load_file(str(folder / "optimizer.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
+        cuda_rng = tensors.pop("rng.cuda", None)
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        if state.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
         self.step, self.best = state["step"], state["best"]
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
         return True
 
 
-def evaluate(model: nn.Module, task: Task, examples: list[Example], batch_size: int, distributed: Distributed) -> dict:
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    examples: list[Example],
+    batch_size: int,
+    distributed: Distributed,
+    precision: str = "fp32",
+) -> dict:
     """Metrics of ``task`` over ``examples``, split across processes; batches grouped by length."""
     was_training = model.training
     model.eval()
@@ -348,7 +379,9 @@ def evaluate(model: nn.Module, task: Task, examples: list[Example], batch_size: 
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             batch = to_device(task.collate([examples[i] for i in mine[start : start + batch_size]]), device)
-            for key, value in task.eval_sums(model, batch).items():
+            with autocast(device, precision):
+                sums = task.eval_sums(model, batch)
+            for key, value in sums.items():
                 totals[key] = totals[key] + value if key in totals else value
     model.train(was_training)
     return task.metrics(distributed.all_sum(totals))
@@ -465,9 +498,24 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _null_context:
-    def __enter__(self) -> None:
-        return None
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward pass's precision: ``torch.autocast`` to bf16/fp16 on ``device``, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that has it, else fp32 (CPUs without bf16 instructions only emulate it)."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if choice == "auto":
+        return "bf16" if bf16_gpu else "fp32"
+    if choice == "bf16" and device.type == "cuda" and not bf16_gpu:
+        raise ValueError("--precision bf16: this GPU has no bf16 support; use --precision fp16 or fp32")
+    if choice not in PRECISIONS:
+        raise ValueError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {choice!r}")
+    return choice

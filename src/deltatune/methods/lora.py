@@ -296,23 +296,42 @@ class LoraLinear(AdapterLayer):
         ):
             return None
         B_module = modules["lora_B"]._modules[name]
-        A, B = A_module.weight, B_module.weight
-        if (
-            B_module.bias is not None
-            or name in self._modules["lora_magnitude_vector"]._parameters
-            or not (x.dtype == base.weight.dtype == A.dtype)
-        ):
+        if B_module.bias is not None or name in self._modules["lora_magnitude_vector"]._parameters:
             return None
-        dropout = modules["lora_dropout"]._modules[name]
+        A, B, weight, bias = A_module.weight, B_module.weight, base.weight, base.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast does not reach into an autograd function's backward: cast here, as autocast
+            # would for F.linear, and run the function with it off, every tensor in one dtype.
+            if not (x.dtype in _AUTOCAST_INPUTS and weight.dtype in _AUTOCAST_INPUTS and A.dtype in _AUTOCAST_INPUTS):
+                return None
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                cast_bias = None if bias is None else bias.to(dtype)
+                return self._fused(x.to(dtype), weight.to(dtype), cast_bias, A.to(dtype), B.to(dtype), name)
+        if not (x.dtype == weight.dtype == A.dtype):
+            return None
+        return self._fused(x, weight, bias, A, B, name)
+
+    def _fused(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        name: str,
+    ) -> torch.Tensor:
+        """:class:`FusedLoraLinear` on tensors of one dtype, or its products alone when nothing needs a gradient."""
+        dropout = self._modules["lora_dropout"]._modules[name]
         p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
-        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        weight = weight.T if self.fan_in_fan_out else weight
         scale = self.scaling[name]
         if p == 0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
-            out, _ = FusedLoraLinear.products(x, weight, base.bias, A, B, scale)  # nothing to differentiate
+            out, _ = FusedLoraLinear.products(x, weight, bias, A, B, scale)  # nothing to differentiate
             return out
         mask = torch.rand_like(x) >= p if p > 0 else None
         keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
-        return FusedLoraLinear.apply(x, weight, base.bias, A, B, scale, mask, keep_scale)
+        return FusedLoraLinear.apply(x, weight, bias, A, B, scale, mask, keep_scale)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """Each row gets its own adapter's update: stacked factors, gathered per row, two bmm calls.
@@ -589,6 +608,7 @@ def _fusable_types() -> tuple[type, ...]:
 
 
 _FUSABLE = _fusable_types()
+_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
