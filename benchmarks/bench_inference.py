@@ -123,12 +123,16 @@ def main() -> None:
     for name, value in overhead.items():
         print(f"  {name:<28}{value:>+8.1f} %")
 
-    tokenizer.padding_side = "left"
     prompts = (PROMPTS * 4)[:4]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-    inputs = {k: v.to(env.device) for k, v in encoded.items()}
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+        inputs, pad_id = {k: v.to(env.device) for k, v in encoded.items()}, tokenizer.pad_token_id
+    else:  # random weights (DELTATUNE_BENCH_RANDOM_WEIGHTS): random prompts of a typical length
+        ids = common.random_ids(models["base"].config.vocab_size, len(prompts), 24, env)
+        inputs, pad_id = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0
     gen_cases = {
-        name: generate_fn(models[key], inputs, new_tokens, tokenizer.pad_token_id)
+        name: generate_fn(models[key], inputs, new_tokens, pad_id)
         for name, key in (("base", "base"), ("deltatune", "deltatune_unmerged"), ("peft", "peft_unmerged"))
     }
     times["generate"] = common.alternate(gen_cases, env, args.repeats, 1)

@@ -89,6 +89,15 @@ def table(records: list[dict[str, Any]], failures: dict[str, int], command: str)
     return "\n".join(lines) + "\n"
 
 
+def write_tables(output: Path, records: list[dict[str, Any]], failures: dict[str, int], command: str) -> str:
+    with open(output / "results.jsonl", "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+    text = table(records, failures, command)
+    (output / "results.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
@@ -121,6 +130,7 @@ def main() -> None:
 
     records: list[dict[str, Any]] = []
     failures: dict[str, int] = {}
+    text = write_tables(output, records, failures, command)
     for name in selected:
         passthrough = ["--device", args.device]
         if args.threads:
@@ -132,11 +142,7 @@ def main() -> None:
         records += found
         if code != 0 or not found:
             failures[name] = code
-    with open(output / "results.jsonl", "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record, default=str) + "\n")
-    text = table(records, failures, command)
-    (output / "results.md").write_text(text)
+        text = write_tables(output, records, failures, command)  # after each: a run cut short keeps its tables
     print("\n" + text)
     print(f"written to {output}")
     sys.exit(1 if failures else 0)

@@ -20,6 +20,8 @@ from transformers import (  # noqa: E402
     T5ForConditionalGeneration,
 )
 
+import deltatune as dt  # noqa: E402
+
 # Tiny models are dominated by per-op overhead: one thread is faster than two fighting over 2 cores.
 torch.set_num_threads(1)
 
@@ -122,3 +124,17 @@ def perturb_trainable(model: torch.nn.Module, seed: int = 7) -> None:
         for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             if param.requires_grad:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+# One config per method family for the tiny Llama, built fresh per call (tests mutate them).
+LLAMA_METHODS = {
+    "lora": lambda: dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    "lora-dropout": lambda: dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False),
+    "dora": lambda: dt.LoraConfig(r=4, target_modules="all-linear", use_dora=True),
+    "ia3": lambda: dt.IA3Config(task_type="CAUSAL_LM"),
+    "prefix": lambda: dt.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    "prompt": lambda: dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    "p-tuning": lambda: dt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16, task_type="CAUSAL_LM"),
+    "houlsby": lambda: dt.BottleneckConfig(placement="houlsby", reduction_factor=4, init="lora"),
+    "parallel": lambda: dt.BottleneckConfig(placement="parallel", reduction_factor=4, init="lora"),
+}

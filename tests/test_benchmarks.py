@@ -14,8 +14,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_quick(script: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+def run_quick(script: str, **extra_env: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", **extra_env)
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", "--device", "cpu", "--threads", "1"],
         capture_output=True,
@@ -53,3 +53,11 @@ def test_train_step_benchmark_checks_the_fused_loss_against_the_models_own():
         assert abs(diff) < 1e-4, (key, diff)  # the fused LM-head loss is the model's own loss
     trainable = record["trainable"]
     assert trainable["all_linear/deltatune_fused"] == trainable["all_linear/peft"] > 0
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_without_the_embedded_weights():
+    """A GPU machine gets SmolLM2 from its config with random weights and no tokenizer (device_check.sh)."""
+    record = run_quick("bench_inference.py", DELTATUNE_BENCH_RANDOM_WEIGHTS="1")
+    assert record["generate"]["new_tokens"] > 0 and all(v > 0 for v in record["generate"]["tokens_per_s"].values())
+    assert record["checks"]["max_abs_diff_deltatune_vs_peft_unmerged"] < 1e-4

@@ -21,7 +21,7 @@ from deltatune.run import build_task
 from deltatune.train import autocast, resolve_precision
 from tiny_assets import check_ok, classification_rows, invoke, read_jsonl, session_assets, train_args
 
-from conftest import perturb_trainable, tiny_inputs, tiny_model
+from conftest import LLAMA_METHODS, perturb_trainable, tiny_inputs, tiny_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,22 +82,11 @@ def test_lora_under_autocast_is_as_accurate_as_peft(precision, variant, tmp_path
     assert ours_err < 0.05  # and low precision has not broken anything
 
 
-METHODS = {
-    "lora-dropout": lambda: dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False),
-    "ia3": lambda: dt.IA3Config(task_type="CAUSAL_LM"),
-    "prefix": lambda: dt.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
-    "prompt": lambda: dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
-    "p-tuning": lambda: dt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16, task_type="CAUSAL_LM"),
-    "houlsby": lambda: dt.BottleneckConfig(placement="houlsby", reduction_factor=4, init="lora"),
-    "parallel": lambda: dt.BottleneckConfig(placement="parallel", reduction_factor=4, init="lora"),
-}
-
-
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(LLAMA_METHODS))
 def test_every_method_trains_under_bf16_autocast(method):
     """Loss and gradients under bf16 autocast stay close to float32; every gradient is float32."""
     torch.manual_seed(0)
-    model = dt.get_peft_model(tiny_model("llama"), METHODS[method]())
+    model = dt.get_peft_model(tiny_model("llama"), LLAMA_METHODS[method]())
     perturb_trainable(model)
     if method == "lora-dropout":  # the two passes must draw the same dropout masks: compare in eval mode
         model.eval()

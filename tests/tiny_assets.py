@@ -155,8 +155,13 @@ def build_assets(root: Path) -> Assets:
 
 
 def session_assets(tmp_path_factory) -> Assets:
-    """The session's assets, in the session's base temp folder (shared by every test module)."""
-    return build_assets(tmp_path_factory.getbasetemp() / "tiny_assets")
+    """The session's assets, in the session's base temp folder (shared by every test module).
+
+    ``DELTATUNE_TEST_ASSETS`` names a folder built earlier instead (``benchmarks/device_check.sh
+    --prepare``): a machine without the embedded models' tokenizers can then run these tests.
+    """
+    prebuilt = os.environ.get("DELTATUNE_TEST_ASSETS")
+    return build_assets(Path(prebuilt).resolve() if prebuilt else tmp_path_factory.getbasetemp() / "tiny_assets")
 
 
 def free_port() -> int:

@@ -104,15 +104,22 @@ class Distributed:
             return value
         if isinstance(value, dict):
             return {k: self.all_sum(v) for k, v in value.items()}
+        device = self.device()
         tensor = (
-            value.clone().double()
+            value.detach().to(device, torch.double, copy=True)
             if isinstance(value, torch.Tensor)
-            else torch.tensor(float(value), dtype=torch.double)
+            else torch.tensor(float(value), dtype=torch.double, device=device)
         )
         dist.all_reduce(tensor)
         if isinstance(value, torch.Tensor):
-            return tensor.to(value.dtype)
+            return tensor.to(value.device, value.dtype)
         return int(tensor.item()) if isinstance(value, int) else float(tensor.item())
+
+    def device(self) -> torch.device:
+        """Where collective tensors must live: NCCL reduces GPU tensors only, gloo CPU tensors."""
+        if self.world > 1 and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -759,14 +759,17 @@ def _combined_factors(
         return torch.cat([w * A for (_, w), (A, _) in zip(present, factors)]), torch.cat([B for _, B in factors], 1)
     if kind in ("linear", "ties"):
         root = [math.sqrt(abs(w)) for _, w in present]
-        weights_A = torch.tensor([r if w >= 0 else -r for r, (_, w) in zip(root, present)])
-        weights_B = torch.tensor(root)
+        device = factors[0][0].device
+        weights_A = torch.tensor([r if w >= 0 else -r for r, (_, w) in zip(root, present)], device=device)
+        weights_B = torch.tensor(root, device=device)
         As, Bs = torch.stack([A for A, _ in factors]), torch.stack([B for _, B in factors])
         if kind == "linear":
             return _weighted_sum(As, weights_A), _weighted_sum(Bs, weights_B)
         return ties_merge(As, weights_A, density, sign_method), ties_merge(Bs, weights_B, density, sign_method)
     deltas = torch.stack([layer.scaling[a] * (B @ A) for (a, _), (A, B) in zip(present, factors)])
-    weights_delta = torch.tensor([w for a, w in zip(adapters, weights) if a in layer.adapter_names])
+    weights_delta = torch.tensor(
+        [w for a, w in zip(adapters, weights) if a in layer.adapter_names], device=deltas.device
+    )
     delta = (
         _weighted_sum(deltas, weights_delta)
         if kind == "svd"
@@ -792,7 +795,7 @@ def ties_merge(
     """
     trimmed = []
     for tensor in stacked:
-        mask = torch.zeros(tensor.numel(), dtype=torch.bool)
+        mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
         mask[tensor.abs().reshape(-1).topk(int(density * tensor.numel())).indices] = True
         trimmed.append(tensor * mask.view(tensor.shape))
     trimmed = torch.stack(trimmed)

@@ -188,13 +188,13 @@ class PromptEmbedding(VirtualTokens):
                 f"token_dim={config.token_dim} does not match the model's embedding width {vocab.shape[1]}"
             )
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            rows = torch.randint(0, vocab.shape[0], (self.total_tokens,))
+            rows = torch.randint(0, vocab.shape[0], (self.total_tokens,), device=vocab.device)
             return vocab[rows]
         if config.prompt_tuning_init == "TEXT":
             ids = _init_text_ids(config)
             repeated = ids * math.ceil(self.total_tokens / len(ids))
-            return vocab[torch.tensor(repeated[: self.total_tokens])]
-        return torch.randn(shape) * vocab.std()
+            return vocab[torch.tensor(repeated[: self.total_tokens], device=vocab.device)]
+        return torch.randn(shape, device=vocab.device) * vocab.std()
 
     def trained_table(self) -> torch.Tensor:
         return self.embedding.weight
