@@ -213,3 +213,65 @@ def test_transformers_trainer_with_bf16_trains_our_adapter_as_it_trains_peft(tmp
         losses[name] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses["deltatune"]) == 4
     assert losses["deltatune"] == pytest.approx(losses["peft"], rel=2e-2)
+
+
+# -- a half-precision base with float32 adapters (no autocast) -------------------------------------
+class Holder(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(24, 20).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fused_lora_on_a_half_precision_base_computes_what_peft_computes(precision, monkeypatch):
+    """Half base, float32 adapters: the fused path, with PEFT's numbers (low-rank products in float32)."""
+    dtype = DTYPES[precision]
+    ours = dt.get_peft_model(Holder(dtype), dt.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    theirs = peft.get_peft_model(Holder(dtype), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    perturb_trainable(theirs)
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if param.requires_grad:
+                param.copy_(dict(theirs.named_parameters())[name])
+    assert ours.base_model.model.proj.lora_A["default"].weight.dtype == torch.float32  # as PEFT keeps them
+    calls = Counter()
+    apply = FusedLoraLinear.apply
+    monkeypatch.setattr(FusedLoraLinear, "apply", lambda *a: calls.update(["fused"]) or apply(*a))
+    x = torch.randn(3, 5, 24).to(dtype)
+    weights = torch.linspace(-1, 1, 20)
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        (out.float() * weights).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out, xi.grad, grads))
+    assert calls["fused"] == 1
+    (out, grad_x, grads), (ref_out, ref_grad_x, ref_grads) = results
+    assert out.dtype == ref_out.dtype == dtype and grad_x.dtype == dtype
+    torch.testing.assert_close(out, ref_out, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-2, atol=1e-2)
+    for name, grad in ref_grads.items():
+        assert grads[name].dtype == torch.float32
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_half_precision_llama_with_lora_trains_as_peft_does(tmp_path):
+    """A bf16 model with float32 adapters (no autocast): loss and gradients as PEFT's."""
+    torch.manual_seed(3)
+    reference = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules="all-linear"))
+    perturb_trainable(reference)
+    reference.save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(tiny_model("llama").to(torch.bfloat16), tmp_path, is_trainable=True)
+    ours = dt.PeftModel.from_pretrained(tiny_model("llama").to(torch.bfloat16), tmp_path, is_trainable=True)
+    our_loss, our_grads = loss_and_grads(ours, None)
+    peft_loss, peft_grads = loss_and_grads(reference, None)
+    assert our_loss == pytest.approx(float(peft_loss), abs=2e-2)
+    assert set(our_grads) == set(peft_grads)
+    assert all(g.dtype == torch.float32 for g in our_grads.values())
+    assert error(our_grads, peft_grads) < 2e-2

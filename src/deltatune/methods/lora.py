@@ -308,7 +308,7 @@ class LoraLinear(AdapterLayer):
             with torch.autocast(x.device.type, enabled=False):
                 cast_bias = None if bias is None else bias.to(dtype)
                 return self._fused(x.to(dtype), weight.to(dtype), cast_bias, A.to(dtype), B.to(dtype), name)
-        if not (x.dtype == weight.dtype == A.dtype):
+        if x.dtype != weight.dtype or A.dtype != B.dtype or not (A.dtype == x.dtype or _half_base(x.dtype, A.dtype)):
             return None
         return self._fused(x, weight, bias, A, B, name)
 
@@ -455,15 +455,23 @@ class FusedLoraLinear(torch.autograd.Function):
     copy of the input as well. Backward, with ``u = s k\, g B``: ``dx = g W + (u A) \odot m``
     accumulated in place, ``dA = u^T (m \odot x)``, ``dB = s\, g^T (k (m \odot x) A^T)``; the
     frozen ``W`` gets no gradient. Equal to the unfused graph within float rounding (tested).
+
+    On a half-precision base with float32 adapters the low-rank products run in float32, as in HF
+    PEFT: ``x`` and ``g`` are cast for them, the update is summed into the base output in float32
+    and rounded once, and the float32 copy of ``x`` is made again in backward instead of kept.
     """
 
     @staticmethod
     def products(x, weight, bias, A, B, scale, mask=None, keep_scale=1.0):  # noqa: ANN001, ANN205
         """The forward's products, shared with the no-gradient path: the output and ``k (m x) A^T``."""
         x2 = x.reshape(-1, x.shape[-1])
-        low = x2 @ A.T if mask is None else ((x2 * mask.reshape(x2.shape)) @ A.T).mul_(keep_scale)
+        xa = x2.to(A.dtype)  # the adapter's precision (a no-op unless the base is half precision)
+        low = xa @ A.T if mask is None else ((xa * mask.reshape(x2.shape)) @ A.T).mul_(keep_scale)
         out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
-        out.addmm_(low, B.T, alpha=scale)
+        if out.dtype == low.dtype:
+            out.addmm_(low, B.T, alpha=scale)
+        else:
+            out.add_(low @ B.T, alpha=scale)  # summed in float32, rounded once to the base's dtype
         return out.reshape(*x.shape[:-1], out.shape[-1]), low
 
     @staticmethod
@@ -479,24 +487,27 @@ class FusedLoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad):  # noqa: ANN001, ANN205
         x2, weight, A, B, low, mask = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
+        ga = g.to(B.dtype)
         scale = ctx.scale
-        u = (g @ B).mul_(scale if mask is None else scale * ctx.keep_scale)  # (N, r)
+        u = (ga @ B).mul_(scale if mask is None else scale * ctx.keep_scale)  # (N, r)
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if mask is None:
+            if mask is None and grad_x.dtype == u.dtype:
                 grad_x.addmm_(u, A)
             else:
-                grad_x.add_((u @ A).mul_(mask))
+                update = u @ A
+                grad_x.add_(update.mul_(mask) if mask is not None else update)
             grad_x = grad_x.reshape(*grad.shape[:-1], x2.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = g.T @ x2
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_A = u.T @ (x2 * mask if mask is not None else x2)
+            xa = x2.to(A.dtype)
+            grad_A = u.T @ (xa * mask if mask is not None else xa)
         if ctx.needs_input_grad[4]:
-            grad_B = (g.T @ low).mul_(scale)
+            grad_B = (ga.T @ low).mul_(scale)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
 
 
@@ -609,6 +620,11 @@ def _fusable_types() -> tuple[type, ...]:
 
 _FUSABLE = _fusable_types()
 _AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
+
+
+def _half_base(base_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    """A half-precision base with float32 adapters (see :func:`_adapter_dtype`)."""
+    return base_dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
