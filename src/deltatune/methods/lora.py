@@ -299,13 +299,14 @@ class LoraLinear(AdapterLayer):
         if B_module.bias is not None or name in self._modules["lora_magnitude_vector"]._parameters:
             return None
         A, B, weight, bias = A_module.weight, B_module.weight, base.weight, base.bias
-        if torch.is_autocast_enabled(x.device.type):
+        device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type  # x.device costs a microsecond
+        if torch.is_autocast_enabled(device_type):
             # Autocast does not reach into an autograd function's backward: cast here, as autocast
             # would for F.linear, and run the function with it off, every tensor in one dtype.
             if not (x.dtype in _AUTOCAST_INPUTS and weight.dtype in _AUTOCAST_INPUTS and A.dtype in _AUTOCAST_INPUTS):
                 return None
-            dtype = torch.get_autocast_dtype(x.device.type)
-            with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
                 cast_bias = None if bias is None else bias.to(dtype)
                 return self._fused(x.to(dtype), weight.to(dtype), cast_bias, A.to(dtype), B.to(dtype), name)
         if x.dtype != weight.dtype or A.dtype != B.dtype or not (A.dtype == x.dtype or _half_base(x.dtype, A.dtype)):
@@ -465,7 +466,7 @@ class FusedLoraLinear(torch.autograd.Function):
     def products(x, weight, bias, A, B, scale, mask=None, keep_scale=1.0):  # noqa: ANN001, ANN205
         """The forward's products, shared with the no-gradient path: the output and ``k (m x) A^T``."""
         x2 = x.reshape(-1, x.shape[-1])
-        xa = x2.to(A.dtype)  # the adapter's precision (a no-op unless the base is half precision)
+        xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)  # the adapter's precision (float32 on a half base)
         low = xa @ A.T if mask is None else ((xa * mask.reshape(x2.shape)) @ A.T).mul_(keep_scale)
         out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
         if out.dtype == low.dtype:
@@ -487,7 +488,7 @@ class FusedLoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad):  # noqa: ANN001, ANN205
         x2, weight, A, B, low, mask = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        ga = g.to(B.dtype)
+        ga = g if g.dtype == B.dtype else g.to(B.dtype)
         scale = ctx.scale
         u = (ga @ B).mul_(scale if mask is None else scale * ctx.keep_scale)  # (N, r)
         grad_x = grad_w = grad_b = grad_A = grad_B = None
@@ -504,7 +505,7 @@ class FusedLoraLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         if ctx.needs_input_grad[3]:
-            xa = x2.to(A.dtype)
+            xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
             grad_A = u.T @ (xa * mask if mask is not None else xa)
         if ctx.needs_input_grad[4]:
             grad_B = (ga.T @ low).mul_(scale)
