@@ -166,7 +166,7 @@ def _limit(records: list[Any], count: int) -> list[Any]:
 # -- training ------------------------------------------------------------------------------------
 def run_training(options: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
-    dist_env = Distributed.from_env()
+    dist_env = Distributed.from_env(options.get("device", "auto"))
     torch.manual_seed(options["seed"])
     output = Path(options["output"])
     output.mkdir(parents=True, exist_ok=True)
@@ -377,8 +377,11 @@ def _wrapper(options: dict[str, Any], distributed: Distributed) -> Any:
         return shard_with_fsdp
     from torch.nn.parallel import DistributedDataParallel
 
-    device = [distributed.local_rank] if torch.cuda.is_available() else None
-    return lambda module: DistributedDataParallel(module, device_ids=device)
+    def wrap(module: nn.Module) -> nn.Module:
+        on_gpu = next(module.parameters()).is_cuda  # a CPU model on a GPU machine (--device cpu) takes none
+        return DistributedDataParallel(module, device_ids=[distributed.local_rank] if on_gpu else None)
+
+    return wrap
 
 
 def shard_with_fsdp(model: nn.Module) -> nn.Module:
@@ -386,7 +389,7 @@ def shard_with_fsdp(model: nn.Module) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (torch.distributed.get_world_size(),))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (torch.distributed.get_world_size(),))
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
             for block in module:

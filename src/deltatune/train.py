@@ -92,11 +92,15 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> Distributed:
-        """torchrun's environment; initialises the process group (gloo on CPU, NCCL on GPU)."""
+    def from_env(cls, device: str = "auto") -> Distributed:
+        """torchrun's environment; initialises the process group (gloo on CPU, NCCL on GPU).
+
+        ``device`` is the ``--device`` choice: ``cpu`` takes gloo even where CUDA is available.
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            gpu = device != "cpu" and torch.cuda.is_available()
+            dist.init_process_group(backend="nccl" if gpu else "gloo")
         return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
     def all_sum(self, value: Any) -> Any:
