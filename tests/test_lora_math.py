@@ -213,7 +213,7 @@ def test_fused_lora_equals_the_plain_graph(conv1d, bias_trainable):
 
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_lora_without_gradients_skips_the_autograd_function_and_equals_the_formula(conv1d, monkeypatch):
-    from deltatune.methods.lora import FusedLoraLinear
+    from deltatune.methods.lora_kernel import FusedLoraLinear
 
     pm, _ = wrap(conv1d=conv1d, r=3, lora_alpha=5, lora_dropout=0.1)
     layer = pm.base_model.model.proj
@@ -252,7 +252,7 @@ def test_fused_path_with_several_active_adapters_of_which_one_is_on_the_layer():
 
 
 def test_fused_lora_dropout_applies_one_mask_to_the_adapter_path_only():
-    from deltatune.methods.lora import FusedLoraLinear
+    from deltatune.methods.lora_kernel import FusedLoraLinear
 
     torch.manual_seed(0)
     x = torch.randn(4, 6, requires_grad=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.methods.lora import FusedLoraLinear
+from deltatune.methods.lora_kernel import FusedLoraLinear
 from deltatune.run import build_task
 from deltatune.train import autocast, resolve_precision
 from tiny_assets import check_ok, classification_rows, invoke, read_jsonl, session_assets, train_args

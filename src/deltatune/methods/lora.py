@@ -39,6 +39,8 @@ from torch import nn
 from deltatune import engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
+from deltatune.methods.lora_combine import COMBINATIONS, combine_factors
+from deltatune.methods.lora_kernel import FusedLoraLinear
 from deltatune.registry import Method, register_method
 
 
@@ -445,73 +447,6 @@ class LoraLinear(AdapterLayer):
             self._created_bias = False
 
 
-class FusedLoraLinear(torch.autograd.Function):
-    r"""``y = x W^T + b + s k (m \odot x) A^T B^T`` as one autograd node.
-
-    ``m`` is the dropout keep-mask (boolean, or none) and ``k = 1 / (1 - p)`` its rescaling, applied
-    to the rank-r product rather than to an input-sized copy. Forward: the base product, then the
-    low-rank product accumulated into it in place (``addmm_`` with ``alpha=s``): no scaled copy, no
-    separate sum. Saved for backward: the input (which the caller keeps anyway), the small
-    ``k (m \odot x) A^T`` and the one-byte mask, where an unfused dropout keeps a dropped-out float
-    copy of the input as well. Backward, with ``u = s k\, g B``: ``dx = g W + (u A) \odot m``
-    accumulated in place, ``dA = u^T (m \odot x)``, ``dB = s\, g^T (k (m \odot x) A^T)``; the
-    frozen ``W`` gets no gradient. Equal to the unfused graph within float rounding (tested).
-
-    On a half-precision base with float32 adapters the low-rank products run in float32, as in HF
-    PEFT: ``x`` and ``g`` are cast for them, the update is summed into the base output in float32
-    and rounded once, and the float32 copy of ``x`` is made again in backward instead of kept.
-    """
-
-    @staticmethod
-    def products(x, weight, bias, A, B, scale, mask=None, keep_scale=1.0):  # noqa: ANN001, ANN205
-        """The forward's products, shared with the no-gradient path: the output and ``k (m x) A^T``."""
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)  # the adapter's precision (float32 on a half base)
-        low = xa @ A.T if mask is None else ((xa * mask.reshape(x2.shape)) @ A.T).mul_(keep_scale)
-        out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
-        if out.dtype == low.dtype:
-            out.addmm_(low, B.T, alpha=scale)
-        else:
-            out.add_(low @ B.T, alpha=scale)  # summed in float32, rounded once to the base's dtype
-        return out.reshape(*x.shape[:-1], out.shape[-1]), low
-
-    @staticmethod
-    def forward(ctx: Any, x, weight, bias, A, B, scale, mask, keep_scale):  # noqa: ANN001, ANN205
-        out, low = FusedLoraLinear.products(x, weight, bias, A, B, scale, mask, keep_scale)
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight, A, B, low, None if mask is None else mask.reshape(x2.shape))
-        ctx.scale, ctx.keep_scale = scale, keep_scale
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad):  # noqa: ANN001, ANN205
-        x2, weight, A, B, low, mask = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        ga = g if g.dtype == B.dtype else g.to(B.dtype)
-        scale = ctx.scale
-        u = (ga @ B).mul_(scale if mask is None else scale * ctx.keep_scale)  # (N, r)
-        grad_x = grad_w = grad_b = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            if mask is None and grad_x.dtype == u.dtype:
-                grad_x.addmm_(u, A)
-            else:
-                update = u @ A
-                grad_x.add_(update.mul_(mask) if mask is not None else update)
-            grad_x = grad_x.reshape(*grad.shape[:-1], x2.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = g.T @ x2
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
-            grad_A = u.T @ (xa * mask if mask is not None else xa)
-        if ctx.needs_input_grad[4]:
-            grad_B = (ga.T @ low).mul_(scale)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
-
-
 class LoraEmbedding(AdapterLayer):
     r"""LoRA around an ``nn.Embedding``: :math:`E' = E + s (B A)^\top`, looked up row by row.
 
@@ -667,9 +602,6 @@ def attach_lora(model: nn.Module, adapter_name: str, config: PeftConfig) -> list
 
 
 # -- combining adapters ---------------------------------------------------------------------------
-COMBINATIONS = ("linear", "ties", "cat", "svd", "ties_svd")
-
-
 def add_weighted_adapter(
     peft_model: Any,
     adapters: list[str],
@@ -680,21 +612,11 @@ def add_weighted_adapter(
     density: float | None = None,
     majority_sign_method: str = "total",
 ) -> None:
-    r"""Add adapter ``adapter_name`` combining LoRA ``adapters`` with ``weights`` (HF PEFT's API).
+    """Add adapter ``adapter_name`` combining LoRA ``adapters`` with ``weights`` (HF PEFT's API).
 
-    With :math:`w'_i = w_i s_i` (weight times the adapter's scale):
-
-    * ``"cat"``: exact, :math:`\Delta W = \sum_i w'_i B_i A_i`, rank :math:`\sum_i r_i`.
-    * ``"svd"``: the same sum, cut to rank ``svd_rank`` (default: the largest rank) by SVD.
-    * ``"linear"``: :math:`A = \sum_i \mathrm{sgn}(w'_i)\sqrt{|w'_i|} A_i`,
-      :math:`B = \sum_i \sqrt{|w'_i|} B_i` (all ranks equal). Cheaper but not the weighted sum of
-      updates: cross terms :math:`B_i A_j` enter, as in PEFT.
-    * ``"ties"``: TIES-merging (Yadav et al. 2023) of the ``A`` and of the ``B`` factors: keep each
-      factor's ``density`` fraction of largest-magnitude entries, weight them, elect each entry's sign
-      by the weighted sum (``"total"``) or by count (``"frequency"``), average the entries that agree.
-    * ``"ties_svd"``: TIES on the full updates :math:`w'_i B_i A_i`, then SVD to rank ``svd_rank``.
-
-    The new adapter has ``lora_alpha = r`` (scale 1): the weights and scales are folded into it.
+    ``combination_type``: ``"cat"``, ``"svd"``, ``"linear"``, ``"ties"`` or ``"ties_svd"``, as
+    :func:`deltatune.methods.lora_combine.combine_factors` defines them. The new adapter has
+    ``lora_alpha = r`` (scale 1): the weights and scales are folded into it.
     """
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
@@ -743,7 +665,16 @@ def add_weighted_adapter(
     )
     peft_model.add_adapter(adapter_name, new_config)
     for _, layer in layers:
-        A, B = _combined_factors(layer, adapters, weights, combination_type, new_rank, density, majority_sign_method)
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
+        A, B = combine_factors(
+            [tuple(t.detach().float() for t in _factors(layer, a)) for a, _ in present],
+            [layer.scaling[a] for a, _ in present],
+            [w for _, w in present],
+            combination_type,
+            new_rank,
+            density,
+            majority_sign_method,
+        )
         target_A, target_B = _factors(layer, adapter_name)
         with torch.no_grad():
             target_A.zero_()[: A.shape[0]] = A.to(target_A.dtype)
@@ -759,72 +690,6 @@ def _factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.Tensor
 
 def _rank(layer: AdapterLayer, name: str) -> int:
     return _factors(layer, name)[0].shape[0]
-
-
-def _combined_factors(
-    layer: AdapterLayer,
-    adapters: list[str],
-    weights: list[float],
-    kind: str,
-    rank: int,
-    density: float | None,
-    sign_method: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    present = [(a, w * layer.scaling[a]) for a, w in zip(adapters, weights) if a in layer.adapter_names]
-    factors = [tuple(t.detach().float() for t in _factors(layer, a)) for a, _ in present]
-    if kind == "cat":
-        return torch.cat([w * A for (_, w), (A, _) in zip(present, factors)]), torch.cat([B for _, B in factors], 1)
-    if kind in ("linear", "ties"):
-        root = [math.sqrt(abs(w)) for _, w in present]
-        device = factors[0][0].device
-        weights_A = torch.tensor([r if w >= 0 else -r for r, (_, w) in zip(root, present)], device=device)
-        weights_B = torch.tensor(root, device=device)
-        As, Bs = torch.stack([A for A, _ in factors]), torch.stack([B for _, B in factors])
-        if kind == "linear":
-            return _weighted_sum(As, weights_A), _weighted_sum(Bs, weights_B)
-        return ties_merge(As, weights_A, density, sign_method), ties_merge(Bs, weights_B, density, sign_method)
-    deltas = torch.stack([layer.scaling[a] * (B @ A) for (a, _), (A, B) in zip(present, factors)])
-    weights_delta = torch.tensor(
-        [w for a, w in zip(adapters, weights) if a in layer.adapter_names], device=deltas.device
-    )
-    delta = (
-        _weighted_sum(deltas, weights_delta)
-        if kind == "svd"
-        else ties_merge(deltas, weights_delta, density, sign_method)
-    )
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    rank = min(rank, S.shape[0])
-    return Vh[:rank], U[:, :rank] * S[:rank]
-
-
-def _weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (stacked * weights.view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
-
-
-def ties_merge(
-    stacked: torch.Tensor, weights: torch.Tensor, density: float, sign_method: str = "total"
-) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023) of tensors stacked on dim 0, in HF PEFT's variant.
-
-    Trim each tensor to its ``density`` fraction of largest magnitudes; elect each entry's sign from
-    the trimmed tensors (their sum for ``"total"``, their sign count for ``"frequency"``); average the
-    weighted entries whose sign agrees with the elected one.
-    """
-    trimmed = []
-    for tensor in stacked:
-        mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
-        mask[tensor.abs().reshape(-1).topk(int(density * tensor.numel())).indices] = True
-        trimmed.append(tensor * mask.view(tensor.shape))
-    trimmed = torch.stack(trimmed)
-    if sign_method == "total":
-        elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
-    elif sign_method == "frequency":
-        elected = torch.where(trimmed.sign().sum(0) >= 0, 1.0, -1.0)
-    else:
-        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {sign_method!r}")
-    agree = trimmed.sign() == elected
-    weighted = trimmed * weights.view(-1, *([1] * (stacked.dim() - 1)))
-    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 LORA = register_method(
