@@ -62,9 +62,8 @@ def test_weighted_adapters_are_built_on_the_models_device(kind):
     assert mixed and all(p.device.type == "meta" for p in mixed)
 
 
-@pytest.mark.parametrize("init", ["RANDOM", "SAMPLE_VOCAB"])
-def test_soft_prompt_is_initialised_on_the_models_device(init):
-    config = dt.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init=init, task_type="CAUSAL_LM")
+def test_soft_prompt_is_initialised_on_the_models_device():
+    config = dt.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="RANDOM", task_type="CAUSAL_LM")
     model = dt.get_peft_model(tiny_model("llama").to("meta"), config)
     assert all(p.device.type == "meta" for p in model.parameters())
 

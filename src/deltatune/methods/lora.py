@@ -298,7 +298,7 @@ class LoraLinear(AdapterLayer):
         ):
             return None
         B_module = modules["lora_B"]._modules[name]
-        if B_module.bias is not None or name in self._modules["lora_magnitude_vector"]._parameters:
+        if B_module.bias is not None or name in modules["lora_magnitude_vector"]._parameters:
             return None
         A, B, weight, bias = A_module.weight, B_module.weight, base.weight, base.bias
         device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type  # x.device costs a microsecond
@@ -324,7 +324,10 @@ class LoraLinear(AdapterLayer):
         B: torch.Tensor,
         name: str,
     ) -> torch.Tensor:
-        """:class:`FusedLoraLinear` on tensors of one dtype, or its products alone when nothing needs a gradient."""
+        """:class:`FusedLoraLinear` (or, when nothing needs a gradient, its products alone).
+
+        ``x`` and ``weight`` share a dtype; ``A`` and ``B`` have it too, or float32 on a half base.
+        """
         dropout = self._modules["lora_dropout"]._modules[name]
         p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
         weight = weight.T if self.fan_in_fan_out else weight
