@@ -106,9 +106,9 @@ def test_train_help_shows_every_option_with_its_default():
         assert name in lines, f"{name} missing from train --help"
         if param.default is not None and (not getattr(param, "is_flag", False) or param.secondary_opts):
             assert "[default: " in lines[name], f"{name} shows no default: {lines[name]!r}"
-    assert "[default: 0.0005]" in lines["--lr"]
-    assert "[default: 16]" in lines["--r"] and lines["--r"] is lines["--rank"]
-    assert "[default: 70]" in lines["--max-steps"]
+    assert "[default: 0.0005; x>0]" in lines["--lr"]
+    assert "[default: 16; x>=1]" in lines["--r"] and lines["--r"] is lines["--rank"]
+    assert "[default: 70; x>=0]" in lines["--max-steps"]
     assert "[default: runs/default]" in lines["--output"]
     assert "[default: lora]" in lines["--method"]
     assert "[" + "|".join(METHODS) + "]" in lines["--method"]
@@ -118,7 +118,7 @@ def test_train_help_shows_every_option_with_its_default():
 @pytest.mark.parametrize("command", ["eval", "generate", "merge"])
 def test_other_commands_help_show_defaults(command):
     lines = option_lines(wide_help(command))
-    assert "--model" in lines and "[default: smollm2-135m-instruct]" in lines["--model"]
+    assert "[default: (the adapter's base model, else smollm2-135m-instruct)]" in lines["--model"]
 
 
 def test_models_lists_the_embedded_models():
@@ -138,7 +138,7 @@ def test_datasets_lists_the_builtin_sets():
 def captured(monkeypatch):
     """Replace run_training by a recorder of the options the CLI passes it."""
     seen: list[dict] = []
-    monkeypatch.setattr(deltatune.run, "run_training", lambda options: seen.append(options) or {})
+    monkeypatch.setattr(deltatune.run, "run_training", lambda options, given=(): seen.append(options) or {})
     return seen
 
 
@@ -357,7 +357,6 @@ def test_inspect_describes_a_run_and_an_adapter(assets, trained_run):
         assert re.fullmatch(r"\d+\.\d\d MiB", fields["adapter size"])
         params = sum(t.numel() for t in adapter_tensors(out / "adapter").values())
         assert fields["adapter parameters"] == f"{params:,}"
-    assert "trainable share" not in output  # a bare adapter folder has no run summary
     run_output = check_ok(invoke("inspect", out)).output
     assert "trainable share" in run_output and "test accuracy" in run_output
 
@@ -412,17 +411,20 @@ def test_each_method_trains_and_its_result_loads(assets, tmp_path, method):
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     if method == "full":
-        from safetensors.torch import load_file
-
         assert summary["trainable_percent"] == 100
-        model = fresh_llama(assets)
-        state = load_file(str(out / "adapter" / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}
+        assert not (out / "adapter").exists() and summary["trained"] == "model"
+        model = AutoModelForCausalLM.from_pretrained(out / "model")  # a transformers folder, tokenizer included
+        assert AutoTokenizer.from_pretrained(out / "model")("hi")["input_ids"]
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model" / "model.safetensors"), "pt") as handle:  # the tied embedding once
+            assert "lm_head.weight" not in set(handle.keys()) and "model.embed_tokens.weight" in set(handle.keys())
         assert not torch.equal(
-            state["model.layers.0.self_attn.q_proj.weight"], fresh_llama(assets).model.layers[0].self_attn.q_proj.weight
+            model.model.layers[0].self_attn.q_proj.weight, fresh_llama(assets).model.layers[0].self_attn.q_proj.weight
         )
         after = full_model_metrics(assets, model)
+        for folder in (out, out / "model"):  # the tool's own commands take the run and its model folder
+            assert_same_metrics(eval_json(invoke("eval", "--adapter", folder, "--data", assets.cls_eval_csv)), after)
     else:
         config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert config["peft_type"] == PEFT_TYPES[method]

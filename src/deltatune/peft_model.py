@@ -25,7 +25,7 @@ from torch import nn
 
 from deltatune import checkpoint, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
-from deltatune.config import TASK_HEADS, ConfigError, PeftConfig
+from deltatune.config import CONFIG_NAME, TASK_HEADS, ConfigError, PeftConfig
 from deltatune.modules_to_save import ModulesToSaveWrapper
 from deltatune.prompt_learning import InputAdapter
 from deltatune.registry import get_method
@@ -620,6 +620,9 @@ def _resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> 
     if subfolder:
         directory = directory / subfolder
     if directory.is_dir():
+        run_adapter = directory / "adapter"  # a `deltatune train` run folder holds its adapter there
+        if not (directory / CONFIG_NAME).is_file() and (run_adapter / CONFIG_NAME).is_file():
+            return run_adapter
         return directory
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "YES", "yes"):
         try:

@@ -1,7 +1,9 @@
-"""What the CLI commands do: build model, task and data from options, train, measure, report.
+"""``deltatune train``: build model, task and data from options, train, measure, report.
 
-``run_training`` is the main job. Besides the adapter it writes ``metrics.jsonl`` (one line per
-step and per evaluation), ``curves.png`` and ``summary.json``: the run's evidence for PEFT's
+``run_training`` is the main job. Every option is checked before anything is loaded, then the run
+folder (:mod:`deltatune.run_folder`) receives the adapter (or, for a full fine-tune, a
+transformers model folder) with the task spec the other commands read back, ``metrics.jsonl``,
+``curves.png`` and ``summary.json``: every option the run used and the run's evidence for PEFT's
 promises -- trainable share, wall time and tokens/s, peak memory, adapter size next to the full
 model's, the test metric before and after, and forgetting (the loss on held-out general text
 before and after: an adapter should barely move it).
@@ -9,10 +11,13 @@ before and after: an adapter should barely move it).
 
 from __future__ import annotations
 
-import json
+import difflib
 import logging
-import math
+import os
+import re
+import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +26,94 @@ from torch import nn
 
 from deltatune import data as datasets
 from deltatune.config import PeftConfig
-from deltatune.models import EMBEDDED_MODELS, load_model
+from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
 from deltatune.peft_model import PeftModel, get_peft_model
-from deltatune.tasks import CausalLM, LabelGeneration, LabelSpace, Seq2Seq, SequenceClassification, Task
+from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
+from deltatune.run_folder import (
+    ADAPTER_DIR,
+    MODEL_DIR,
+    TaskSpec,
+    check_resume,
+    make_task,
+    parse_label_words,
+    prepare_output,
+    recorded_options,
+    remove_failed_output,
+    write_summary,
+)
+from deltatune.tasks import CausalLM, LabelSpace, Task
 from deltatune.train import Distributed, TrainArgs, Trainer, evaluate, peak_memory_mib, resolve_precision
 
 logger = logging.getLogger("deltatune")
 
-# The instruction of deltatune.data's sentiment template; the model's own default system turn is kept
-# (SmolLM2 answers better with it, and it costs nothing: the prefix all prompts share runs once per batch).
-SENTIMENT_INSTRUCTION = (
-    "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
-)
-SENTIMENT_SYSTEM = None
+# The methods each method-specific option applies to; given for another method, it is reported unused.
+METHOD_OPTIONS = {
+    "r": ("lora", "dora"),
+    "alpha": ("lora", "dora"),
+    "dropout": ("lora", "dora"),
+    "use_rslora": ("lora", "dora"),
+    "init_lora_weights": ("lora", "dora"),
+    "targets": ("lora", "dora", "ia3"),
+    "exclude_modules": ("lora", "dora", "ia3"),
+    "layers_to_transform": ("lora", "dora", "ia3", "adapter"),
+    "modules_to_save": ("lora", "dora", "ia3", "adapter"),
+    "virtual_tokens": ("prefix", "prompt", "ptuning"),
+    "prefix_projection": ("prefix",),
+    "encoder_hidden_size": ("prefix", "ptuning"),
+    "encoder_type": ("ptuning",),
+    "prompt_init_text": ("prompt",),
+    "reduction_factor": ("adapter",),
+    "placement": ("adapter",),
+}
+LABEL_GENERATION_OPTIONS = ("label_words", "instruction", "system")
+TASK_METRICS = {
+    "label-generation": ("accuracy", "macro_f1", "exact_match", "loss"),
+    "seq-cls": ("accuracy", "macro_f1", "loss"),
+    "causal-lm": ("loss", "perplexity"),
+    "seq2seq": ("loss", "perplexity"),
+}
+VALIDATION_OPTIONS = ("eval_every", "max_eval", "metric_for_best", "early_stopping_patience")
 
 
 # -- model and task ------------------------------------------------------------------------------
+def model_config(name_or_path: str) -> Any:
+    """The model's transformers config, read without loading weights (never from the hub)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path, allow_hub=False)
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(
+            f"--model {name_or_path}: the folder holds no config.json, so it is not a transformers model folder; "
+            f"embedded models: {', '.join(EMBEDDED_MODELS)}"
+        )
+    return AutoConfig.from_pretrained(path)
+
+
 def model_family(name_or_path: str) -> str:
     """``causal``, ``encoder`` or ``seq2seq``, from the embedded registry or the model config."""
     if name_or_path in EMBEDDED_MODELS:
         return "causal" if EMBEDDED_MODELS[name_or_path].kind == "causal-lm" else "encoder"
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(name_or_path)
+    config = model_config(name_or_path)
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     architectures = " ".join(getattr(config, "architectures", None) or [])
     return "causal" if ("CausalLM" in architectures or "LMHead" in architectures) else "encoder"
+
+
+def check_max_length(name_or_path: str, max_length: int) -> None:
+    """``--max-length`` must fit in the model's context (its position embeddings)."""
+    config = model_config(name_or_path)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context and max_length > context:
+        raise ValueError(
+            f"--max-length {max_length} is longer than the context of {name_or_path} ({context} tokens, "
+            f"max_position_embeddings); pass --max-length {context} or less"
+        )
+
+
+def model_record(name_or_path: str) -> str:
+    """How a run names its base model: an embedded name as it is, a folder as an absolute path."""
+    return name_or_path if name_or_path in EMBEDDED_MODELS else str(Path(name_or_path).resolve())
 
 
 def choose_task(requested: str, family: str, records: list[dict[str, Any]], options: dict[str, Any]) -> str:
@@ -71,32 +137,51 @@ def required_columns(kind: str, options: dict[str, Any], sample: dict[str, Any])
         return [options["text_column"], options["label_column"]]
     if kind == "seq2seq":
         return [options["prompt_column"], options["response_column"]]
-    prompt = [options["prompt_column"]] if options["prompt_column"] in sample else []
+    prompt = [options["prompt_column"]] if options["prompt_column"] and options["prompt_column"] in sample else []
     return prompt + [options["response_column"]]
 
 
-def build_task(kind: str, tokenizer: Any, train_records: list[dict[str, Any]], options: dict[str, Any]) -> Task:
-    common = {"max_length": options["max_length"], "on_long": options["on_long"]}
-    if kind in ("label-generation", "seq-cls"):
-        labels = LabelSpace.from_records(train_records, options["label_column"])
-        columns = {"text_column": options["text_column"], "label_column": options["label_column"]}
-        if kind == "seq-cls":
-            return SequenceClassification(tokenizer, labels, **common, **columns)
-        if options["data"] == "rotten-tomatoes":
-            return LabelGeneration(
-                tokenizer,
-                labels,
-                **common,
-                **columns,
-                words=["negative", "positive"],
-                instruction=SENTIMENT_INSTRUCTION,
-                system=SENTIMENT_SYSTEM,
-            )
-        return LabelGeneration(tokenizer, labels, **common, **columns)
-    columns = {"prompt_column": options["prompt_column"], "response_column": options["response_column"]}
-    if kind == "seq2seq":
-        return Seq2Seq(tokenizer, **common, **columns)
-    return CausalLM(tokenizer, **common, **columns)
+def task_spec(kind: str, records: list[dict[str, Any]], options: dict[str, Any], base_model: str | None) -> TaskSpec:
+    """The task a run trains: columns, longest input and, for classification, its labels and prompt."""
+    spec = TaskSpec(
+        kind=kind,
+        base_model=base_model,
+        max_length=options["max_length"],
+        text_column=options.get("text_column", "text"),
+        label_column=options.get("label_column", "label"),
+        prompt_column=options.get("prompt_column", "prompt"),
+        response_column=options.get("response_column", "response"),
+    )
+    if kind not in ("label-generation", "seq-cls"):
+        return spec
+    spec.labels = LabelSpace.from_records(records, spec.label_column).names
+    if kind == "label-generation":
+        builtin = datasets.BUILTIN_DATASETS.get(options.get("data", ""))
+        words = parse_label_words(options.get("label_words"), spec.labels)
+        if words is None and builtin is not None and builtin.label_words:
+            words = list(builtin.label_words)
+        spec.label_words = words
+        spec.instruction = options.get("instruction") or (builtin.instruction if builtin else None)
+        spec.system = options.get("system")
+        if spec.instruction is not None:
+            _check_instruction(spec.instruction)
+    return spec
+
+
+def _check_instruction(instruction: str) -> None:
+    try:
+        filled = instruction.format(text="\0")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"--instruction {instruction!r}: {err!r}; it may hold only {{text}} in braces (write {{{{ for a brace)"
+        ) from None
+    if "\0" not in filled:
+        raise ValueError(f"--instruction {instruction!r} must contain {{text}}, where each example's text goes")
+
+
+def build_task(kind: str, tokenizer: Any, records: list[dict[str, Any]], options: dict[str, Any]) -> Task:
+    """The task for ``kind`` from training records and options (labels from the records)."""
+    return make_task(task_spec(kind, records, options, None), tokenizer, options.get("on_long", "truncate"))
 
 
 def load_for_task(name: str, task_kind: str, num_labels: int) -> tuple[nn.Module, Any]:
@@ -106,7 +191,26 @@ def load_for_task(name: str, task_kind: str, num_labels: int) -> tuple[nn.Module
         "seq-cls": "seq-cls",
         "seq2seq": "seq2seq",
     }
-    return load_model(name, task=family_task[task_kind], num_labels=num_labels)
+    return load_model(name, task=family_task[task_kind], num_labels=num_labels, allow_hub=False)
+
+
+def _names(text: str | None) -> list[str] | None:
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return names or None
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``--layers-to-transform 0,1,4-7`` -> [0, 1, 4, 5, 6, 7]."""
+    if not text:
+        return None
+    layers: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        found = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not found:
+            raise ValueError(f"--layers-to-transform {text!r}: {part!r} is not a layer number or a range like 4-7")
+        first, last = int(found.group(1)), int(found.group(2) or found.group(1))
+        layers += range(first, last + 1)
+    return sorted(set(layers))
 
 
 def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
@@ -117,43 +221,101 @@ def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
     task_type = {"seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(task_kind, "CAUSAL_LM")
     method = options["method"]
     targets = options["targets"]
-    target_modules: Any = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    target_modules: Any = targets if targets == "all-linear" else _names(targets)
     tokens = options["virtual_tokens"]
+    narrowing = {
+        "layers_to_transform": parse_layers(options.get("layers_to_transform")),
+        "modules_to_save": _names(options.get("modules_to_save")),
+    }
     if method in ("lora", "dora"):
+        init = str(options.get("init_lora_weights") or "true")
         return LoraConfig(
             r=options["r"],
             lora_alpha=options["alpha"],
             lora_dropout=options["dropout"],
             target_modules=target_modules,
+            exclude_modules=_names(options.get("exclude_modules")),
             use_dora=method == "dora",
+            use_rslora=bool(options.get("use_rslora")),
+            init_lora_weights={"true": True, "false": False}.get(init.lower(), init),
             task_type=task_type,
+            **narrowing,
         )
     if method == "ia3":
-        return IA3Config(target_modules=None if targets == "all-linear" else target_modules, task_type=task_type)
+        return IA3Config(
+            target_modules=None if targets == "all-linear" else target_modules,
+            exclude_modules=_names(options.get("exclude_modules")),
+            task_type=task_type,
+            **narrowing,
+        )
     if method == "prompt":
+        if options.get("prompt_init_text"):
+            return PromptTuningConfig(
+                num_virtual_tokens=tokens,
+                prompt_tuning_init="TEXT",
+                prompt_tuning_init_text=options["prompt_init_text"],
+                tokenizer_name_or_path=str(resolve_model_path(options["model"], allow_hub=False)),
+                task_type=task_type,
+            )
         return PromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init="SAMPLE_VOCAB", task_type=task_type)
     if method == "ptuning":
-        return PromptEncoderConfig(num_virtual_tokens=tokens, encoder_hidden_size=128, task_type=task_type)
+        return PromptEncoderConfig(
+            num_virtual_tokens=tokens,
+            encoder_hidden_size=options.get("encoder_hidden_size") or 128,
+            encoder_reparameterization_type=options.get("encoder_type") or "MLP",
+            task_type=task_type,
+        )
     if method == "prefix":
-        return PrefixTuningConfig(num_virtual_tokens=tokens, task_type=task_type)
+        return PrefixTuningConfig(
+            num_virtual_tokens=tokens,
+            prefix_projection=bool(options.get("prefix_projection")),
+            encoder_hidden_size=options.get("encoder_hidden_size"),
+            task_type=task_type,
+        )
     if method == "adapter":
         return BottleneckConfig(
-            reduction_factor=options["reduction_factor"], placement=options["placement"], task_type=task_type
+            reduction_factor=options["reduction_factor"],
+            placement=options["placement"],
+            task_type=task_type,
+            **narrowing,
         )
     return None
+
+
+def check_targets(model: nn.Module, options: dict[str, Any]) -> None:
+    """Each ``--targets`` / ``--exclude-modules`` / ``--modules-to-save`` entry must name a module."""
+    names = [name for name, _ in model.named_modules() if name]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
+    flags = {"targets": "--targets", "exclude_modules": "--exclude-modules", "modules_to_save": "--modules-to-save"}
+    for key, flag in flags.items():
+        if key not in METHOD_OPTIONS or options["method"] not in METHOD_OPTIONS[key]:
+            continue
+        value = options.get(key)
+        if not value or value == "all-linear":
+            continue
+        for entry in _names(value) or []:
+            if not any(name == entry or name.endswith("." + entry) for name in names):
+                close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.4)
+                raise ValueError(
+                    f"{flag}: {entry!r} matches no module of {options['model']}"
+                    + (f"; closest names: {', '.join(close)}" if close else "")
+                    + f"; module names: {', '.join(leaves[:30])}"
+                )
 
 
 def load_split(
     options: dict[str, Any], split: str, file_option: str | None, columns: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], str]:
-    """A split's records and a name for messages: a built-in set's split, or a user file."""
+    """A split's records and a name for messages: a user file named by ``file_option``, else the
+    built-in set's split (the nearest it has), else nothing."""
+    path = options.get(file_option) if file_option else None
     source = options["data"]
-    if source in datasets.BUILTIN_DATASETS:
+    if not path and source in datasets.BUILTIN_DATASETS:
         info = datasets.BUILTIN_DATASETS[source]
         if split not in info.splits:
             split = "test" if "test" in info.splits else info.splits[-1]
         return datasets.load_dataset(source, split), f"{source} ({split})"
-    path = options.get(file_option) if file_option else source
+    path = path or (source if file_option is None else None)
     if not path:
         return [], ""
     return datasets.load_records(path, columns=columns, on_bad_row=options["on_bad_row"]), str(path)
@@ -163,32 +325,99 @@ def _limit(records: list[Any], count: int) -> list[Any]:
     return records[:count] if count else records
 
 
+# -- checks before anything is loaded -----------------------------------------------------------
+def check_options(options: dict[str, Any], given: Collection[str]) -> None:
+    """Options that cannot apply are errors (or, where a config file may set them for all, warnings)."""
+    builtin = options["data"] in datasets.BUILTIN_DATASETS
+    has_validation = bool(options.get("eval_data")) or (
+        builtin and "validation" in datasets.BUILTIN_DATASETS[options["data"]].splits
+    )
+    if not has_validation:
+        for key in VALIDATION_OPTIONS:
+            if key in given:
+                raise ValueError(
+                    f"--{key.replace('_', '-')} needs validation data, and {options['data']} has no validation "
+                    "split: pass --eval-data FILE"
+                )
+    if options.get("early_stopping_patience") and not options.get("eval_every"):
+        raise ValueError("--early-stopping-patience needs --eval-every N (evaluations during training to compare)")
+    for key, methods in METHOD_OPTIONS.items():
+        if key in given and options["method"] not in methods:
+            logger.warning(
+                "--%s applies to --method %s, not %s; ignored",
+                key.replace("_", "-"),
+                "/".join(methods),
+                options["method"],
+            )
+
+
 # -- training ------------------------------------------------------------------------------------
-def run_training(options: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
-    dist_env = Distributed.from_env(options.get("device", "auto"))
-    torch.manual_seed(options["seed"])
+def run_training(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
+    """The main job (see the module docstring); ``given`` names the options the user set."""
     output = Path(options["output"])
-    output.mkdir(parents=True, exist_ok=True)
-    say = _printer(dist_env)
+    dist_env = Distributed.from_env(options.get("device", "auto"))
+    check_options(options, given)
+    if options["resume"]:
+        prepare_output(output, resume=True, overwrite=False)
+        check_resume(output, options)
+        created = False
+    elif dist_env.main:
+        created = prepare_output(output, resume=False, overwrite=bool(options.get("overwrite")))
+    else:
+        created = False
+    dist_env.barrier()
+    try:
+        return _train(options, output, dist_env, given)
+    except BaseException as err:
+        if dist_env.main:
+            remove_failed_output(output, created)
+            if isinstance(err, KeyboardInterrupt) and output.is_dir():
+                _mark_status(output, "interrupted")
+        raise
+
+
+def _mark_status(output: Path, status: str) -> None:
+    from deltatune.run_folder import read_summary
+
+    summary = read_summary(output) or {}
+    write_summary(output, {**summary, "status": status})
+
+
+def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: Collection[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.manual_seed(options["seed"])
+    say = printer(dist_env.main)
 
     raw, _ = load_split(options, "train", None)
     family = model_family(options["model"])
+    check_max_length(options["model"], options["max_length"])
     task_kind = choose_task(options["task"], family, raw, options)
+    for key in LABEL_GENERATION_OPTIONS:
+        if key in given and task_kind != "label-generation":
+            logger.warning(
+                "--%s applies to label generation, not the %s task; ignored", key.replace("_", "-"), task_kind
+            )
+    metric = options.get("metric_for_best")
+    if metric and metric not in TASK_METRICS[task_kind]:
+        raise ValueError(
+            f"--metric-for-best {metric}: the {task_kind} task reports {', '.join(TASK_METRICS[task_kind])}"
+        )
+    if task_kind == "causal-lm" and options["prompt_column"] not in raw[0]:
+        options = {**options, "prompt_column": None}
     columns = required_columns(task_kind, options, raw[0])
     train_records, train_name = load_split(options, "train", None, columns)
     train_records = _limit(train_records, options["max_train"])
+    spec = task_spec(task_kind, train_records, options, model_record(options["model"]))
     say(f"loading {options['model']} for {task_kind} ...")
-    labels = len({str(r.get(options["label_column"])) for r in train_records}) if task_kind == "seq-cls" else 2
-    model, tokenizer = load_for_task(options["model"], task_kind, labels)
+    model, tokenizer = load_for_task(options["model"], task_kind, spec.num_labels or 2)
     device = _device(options.get("device", "auto"), dist_env)
     precision = resolve_precision(options.get("precision", "auto"), device)
     if precision == "fp16" and options["fsdp"] and dist_env.world > 1:
         raise ValueError("--precision fp16 (loss scaling) is not supported with --fsdp; use bf16 or fp32")
     model.to(device)
-    if task_kind == "causal-lm" and options["prompt_column"] not in columns:
-        options = {**options, "prompt_column": None}
-    task = build_task(task_kind, tokenizer, train_records, options)
+    task = make_task(spec, tokenizer, options["on_long"])
+    if task_kind == "label-generation":  # what the task resolved (default prompt, label words) is what is saved
+        spec.label_words, spec.instruction = list(task.words), task.instruction
     train_examples = task.encode(train_records, source=train_name)
     eval_records, eval_name = load_split(options, "validation", "eval_data", columns)
     test_records, test_name = load_split(options, "test", "test_data", columns)
@@ -198,10 +427,6 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
     if not options.get("test_eval", True):
         test_records = []
     test_examples = task.encode(test_records, source=test_name) if test_records else None
-    source = options["data"]
-    if not options["resume"] and dist_env.main:
-        for stale in ("metrics.jsonl",):
-            (output / stale).unlink(missing_ok=True)
 
     config = method_config(options, task_kind)
     if config is None:
@@ -209,12 +434,28 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
             param.requires_grad_(True)
         trained: nn.Module = model
     else:
+        check_targets(model, options)
+        config.base_model_name_or_path = spec.base_model
         trained = get_peft_model(model, config)
     trainable, total = _count(trained)
     say(
         f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
         f"{device.type}, {precision}"
     )
+    summary: dict[str, Any] = {
+        "status": "running",
+        "options": recorded_options(options),
+        "task_spec": spec.to_dict(),
+        "model": options["model"],
+        "method": options["method"],
+        "task": task_kind,
+        "data": options["data"],
+    }
+    if dist_env.main:
+        output.mkdir(parents=True, exist_ok=True)
+        if not options["resume"]:
+            (output / "metrics.jsonl").unlink(missing_ok=True)
+        write_summary(output, summary)
 
     batch = options["eval_batch_size"]
     before = (
@@ -223,7 +464,7 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
         else None
     )
     if before:
-        say(f"before training, test: {_short(before)}")
+        say(f"before training, test: {short_metrics(before)}")
     general = _general_examples(tokenizer, family) if options["forgetting"] else None
     forgetting_before = _general_loss(trained, general, dist_env, precision, base=True) if general else None
 
@@ -246,7 +487,17 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
         gradient_checkpointing=options["gradient_checkpointing"],
         compile=options.get("compile_blocks", False),
         precision=precision,
+        optim=options.get("optim", "adamw"),
+        betas=tuple(options.get("betas") or (0.9, 0.999)),
+        min_lr=options.get("min_lr", 0.0),
+        save_total_limit=options.get("save_total_limit", 1),
+        metric_for_best=options.get("metric_for_best"),
+        early_stopping_patience=options.get("early_stopping_patience", 0),
     )
+
+    def export(model: nn.Module, folder: Path, main: bool) -> None:
+        export_trained(model, folder, main, tokenizer, spec)
+
     progress = ProgressReporter(dist_env.main)
     trainer = Trainer(
         trained,
@@ -257,51 +508,105 @@ def run_training(options: dict[str, Any]) -> dict[str, Any]:
         distributed=dist_env,
         progress=progress.update,
         wrap=_wrapper(options, dist_env),
+        export=export,
     )
     with progress:
         result = trainer.fit()
+    if result["stopped_early"]:
+        say(
+            f"stopped early at step {result['steps']}: {trainer.metric} did not improve "
+            f"in {args.early_stopping_patience} evaluations"
+        )
     after = evaluate(trained, task, test_examples, batch, dist_env, precision) if test_examples else None
     if after:
-        say(f"after training, test: {_short(after)}")
+        say(f"after training, test: {short_metrics(after)}")
     forgetting_after = _general_loss(trained, general, dist_env, precision, base=False) if general else None
 
-    summary = {
-        "model": options["model"],
-        "method": options["method"],
-        "task": task_kind,
-        "data": source,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100 * trainable / total,
-        "steps": result["steps"],
-        "train_examples_seen": result["steps"] * trainer.global_batch,
-        "train_seconds": result["train_seconds"],
-        "tokens_per_s": result["train_tokens"] * dist_env.world / max(result["train_seconds"], 1e-9),
-        "wall_seconds": time.perf_counter() - started,
-        "peak_memory_mib": peak_memory_mib(),
-        "processes": dist_env.world,
-        "device": device.type,
-        "precision": precision,
-        "adapter_bytes": _folder_bytes(output / f"checkpoint-{result['steps']}" / "trained"),
-        "full_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
-        "main_metric": task.main_metric,
-        "test_before": before,
-        "test_after": after,
-        "best_validation": trainer.best,
-        "forgetting": None
-        if general is None
-        else {
-            "general_text_loss_before": forgetting_before,
-            "general_text_loss_after": forgetting_after,
-            "change": forgetting_after - forgetting_before,
-        },
-    }
-    _export_final(trained, output, dist_env.main)  # every process: sharded tensors are gathered
+    final = output / (MODEL_DIR if config is None else ADAPTER_DIR)
+    export(trained, final, dist_env.main)  # every process: sharded tensors are gathered
+    summary.update(
+        {
+            "status": "finished",
+            "trained": final.name,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / total,
+            "steps": result["steps"],
+            "stopped_early": result["stopped_early"],
+            "train_examples_seen": result["steps"] * trainer.global_batch,
+            "train_seconds": result["train_seconds"],
+            "tokens_per_s": result["train_tokens"] * dist_env.world / max(result["train_seconds"], 1e-9),
+            "wall_seconds": time.perf_counter() - started,
+            "peak_memory_mib": peak_memory_mib(),
+            "processes": dist_env.world,
+            "device": device.type,
+            "precision": precision,
+            "adapter_bytes": _folder_bytes(output / f"checkpoint-{result['steps']}" / "trained"),
+            "full_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
+            "main_metric": task.main_metric,
+            "test_before": before,
+            "test_after": after,
+            "best_validation": trainer.best,
+            "metric_for_best": trainer.metric,
+            "forgetting": None
+            if general is None
+            else {
+                "general_text_loss_before": forgetting_before,
+                "general_text_loss_after": forgetting_after,
+                "change": forgetting_after - forgetting_before,
+            },
+        }
+    )
     if dist_env.main:
-        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(output, summary)
         plot_curves(output / "metrics.jsonl", output / "curves.png")
         print_summary(summary)
     return summary
+
+
+def export_trained(model: nn.Module, folder: Path, main: bool, tokenizer: Any, spec: TaskSpec) -> None:
+    """An adapter folder (PEFT's layout), or for a full fine-tune a transformers model folder
+    (config, tokenizer, each weight once); either with the task spec. Every process calls this."""
+    from deltatune.train import full_tensor
+
+    folder = Path(folder)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(folder, is_main_process=main)
+        if main:
+            spec.save(folder)
+        return
+    state = {k: full_tensor(v) for k, v in model.state_dict().items()}  # collective under FSDP
+    if not main:
+        return
+    save_model_folder(model, folder, tokenizer, spec, state_dict=state)
+
+
+def save_model_folder(
+    model: nn.Module,
+    folder: Path,
+    tokenizer: Any,
+    spec: TaskSpec | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: str | None = None,
+) -> None:
+    """``save_pretrained`` into a temporary sibling, then renamed into place: never half-written."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(tmp, state_dict=state_dict, **extra)
+        tokenizer.save_pretrained(tmp)
+        if spec is not None:
+            spec.save(tmp)
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _device(choice: str, distributed: Distributed) -> torch.device:
@@ -312,12 +617,6 @@ def _device(choice: str, distributed: Distributed) -> torch.device:
         raise ValueError("--device cuda was given, but torch sees no CUDA device")
     torch.cuda.set_device(distributed.local_rank)
     return torch.device("cuda", distributed.local_rank)
-
-
-def _export_final(model: nn.Module, output: Path, main: bool) -> None:
-    from deltatune.train import save_trained
-
-    save_trained(model, output / "adapter", main=main)
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
@@ -396,241 +695,3 @@ def shard_with_fsdp(model: nn.Module) -> nn.Module:
                 fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def _short(metrics: dict[str, float]) -> str:
-    keys = [k for k in ("accuracy", "macro_f1", "exact_match", "loss", "perplexity") if k in metrics]
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
-
-
-def _printer(distributed: Distributed) -> Any:
-    from rich.console import Console
-
-    console = Console(stderr=False)
-    return (lambda text: console.print(text, highlight=False)) if distributed.main else (lambda text: None)
-
-
-class ProgressReporter:
-    """A rich progress bar with loss, learning rate, tokens/s and time left (rank 0 only)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        self.task_id = None
-
-    def __enter__(self) -> ProgressReporter:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.bar.__enter__()
-        return self
-
-    def update(self, record: dict[str, Any], total: int) -> None:
-        if self.bar is None:
-            return
-        if self.task_id is None:
-            self.task_id = self.bar.add_task("train", total=total, info="", completed=record["step"] - 1)
-        if "split" in record:
-            self.bar.console.print(f"step {record['step']} validation: {_short(record)}", highlight=False)
-            return
-        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
-        self.bar.update(self.task_id, completed=record["step"], info=info)
-        if not self.bar.console.is_terminal and (record["step"] % 10 == 0 or record["step"] == total):
-            self.bar.console.print(f"step {record['step']}/{total}  {info}", highlight=False)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
-def plot_curves(metrics_file: Path, image: Path) -> None:
-    """Training loss (and validation metric) against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "split" not in r]
-    evals = [r for r in rows if r.get("split") == "validation"]
-    figure, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 6, 4), squeeze=False)
-    axes[0][0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    axes[0][0].set(xlabel="step", ylabel="training loss", title="training loss")
-    if evals:
-        key = "accuracy" if "accuracy" in evals[0] else "loss"
-        axes[0][1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o")
-        axes[0][1].set(xlabel="step", ylabel=key, title=f"validation {key}")
-    figure.tight_layout()
-    figure.savefig(image, dpi=100)
-    plt.close(figure)
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="run summary", show_header=False)
-    metric = summary["main_metric"]
-    rows = [
-        (
-            "trainable parameters",
-            f"{summary['trainable_params']:,} of {summary['total_params']:,} ({summary['trainable_percent']:.3f}%)",
-        ),
-        (
-            "training",
-            f"{summary['steps']} steps, {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:.0f} tok/s",
-        ),
-        (
-            "wall time",
-            f"{summary['wall_seconds']:.0f} s ({summary.get('device', 'cpu')}, {summary.get('precision', 'fp32')})",
-        ),
-        ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
-        (
-            "adapter size",
-            f"{summary['adapter_bytes'] / 2**20:.2f} MiB (full model {summary['full_model_bytes'] / 2**20:.0f} MiB)",
-        ),
-    ]
-    if summary["test_before"] and summary["test_after"]:
-        rows.append((f"test {metric}", f"{summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}"))
-    if summary["forgetting"]:
-        f = summary["forgetting"]
-        rows.append(
-            (
-                "general-text loss",
-                f"{f['general_text_loss_before']:.4f} -> {f['general_text_loss_after']:.4f} ({f['change']:+.4f})",
-            )
-        )
-    for key, value in rows:
-        table.add_row(key, value)
-    Console().print(table)
-
-
-# -- other commands ------------------------------------------------------------------------------
-def run_eval(options: dict[str, Any]) -> dict[str, Any]:
-    """Metrics on a split of a built-in set, or on ``--test-data`` (default: the ``--data`` file itself).
-
-    Labels come from the built-in set's training split, or from the evaluated file.
-    """
-    builtin = options["data"] in datasets.BUILTIN_DATASETS
-    raw, _ = load_split(options, "train", None)
-    family = model_family(options["model"])
-    kind = choose_task(options["task"], family, raw, options)
-    columns = required_columns(kind, options, raw[0])
-    if builtin:
-        records, name = load_split(options, options["split"], None)
-        train_records = raw
-    else:
-        file_options = {**options, "test_data": options.get("test_data") or options["data"]}
-        records, name = load_split(file_options, "test", "test_data", columns)
-        train_records = records
-    records = _limit(records, options["max_examples"])
-    labels = len({str(r.get(options["label_column"])) for r in train_records}) if kind == "seq-cls" else 2
-    model, tokenizer = load_for_task(options["model"], kind, labels)
-    if options["adapter"]:
-        model = PeftModel.from_pretrained(model, options["adapter"])
-    if kind == "causal-lm" and options["prompt_column"] not in columns:
-        options = {**options, "prompt_column": None}
-    task = build_task(kind, tokenizer, train_records, options)
-    return evaluate(model, task, task.encode(records, source=name), options["eval_batch_size"], Distributed())
-
-
-def run_generate(
-    model_name: str, adapter: str | None, prompt: str | None, max_new_tokens: int, temperature: float
-) -> None:
-    from transformers import TextStreamer
-
-    model, tokenizer = load_model(model_name, task="causal-lm")
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    history: list[dict[str, str]] = []
-
-    def reply(text: str) -> str:
-        history.append({"role": "user", "content": text})
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(
-                history, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-        else:
-            ids = tokenizer(text, return_tensors="pt")
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        output = model.generate(
-            input_ids=ids["input_ids"],
-            attention_mask=ids["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            streamer=streamer,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
-        )
-        answer = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-        history.append({"role": "assistant", "content": answer})
-        return answer
-
-    if prompt is not None:
-        reply(prompt)
-        return
-    print("interactive chat; an empty line or Ctrl-D ends it")
-    while True:
-        try:
-            text = input("> ").strip()
-        except EOFError:
-            break
-        if not text:
-            break
-        reply(text)
-
-
-def run_merge(model_name: str, adapter: str, output: str) -> Path:
-    config = PeftConfig.from_pretrained(adapter)
-    kind = {"SEQ_CLS": "seq-cls", "SEQ_2_SEQ_LM": "seq2seq"}.get(str(config.task_type), "causal-lm")
-    model, tokenizer = load_model(model_name, task=kind)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return Path(output)
-
-
-def describe_adapter(directory: Path) -> dict[str, Any]:
-    """Method, targets, size, base model and, for a run folder, its summary."""
-    summary_file = directory / "summary.json"
-    adapter_dir = directory / "adapter" if (directory / "adapter" / "adapter_config.json").exists() else directory
-    config = PeftConfig.from_pretrained(adapter_dir)
-    from safetensors import safe_open
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    with safe_open(str(weights), "pt") as handle:
-        count = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
-    info: dict[str, Any] = {
-        "method": str(config.peft_type),
-        "task type": str(config.task_type),
-        "base model": config.base_model_name_or_path,
-        "adapter parameters": f"{count:,}",
-        "adapter size": f"{weights.stat().st_size / 2**20:.2f} MiB",
-    }
-    for field in (
-        "r",
-        "lora_alpha",
-        "use_dora",
-        "target_modules",
-        "num_virtual_tokens",
-        "placement",
-        "modules_to_save",
-    ):
-        if hasattr(config, field) and getattr(config, field) not in (None, [], False):
-            info[field] = getattr(config, field)
-    if summary_file.exists():
-        summary = json.loads(summary_file.read_text())
-        info["trainable share"] = f"{summary['trainable_percent']:.3f}%"
-        metric = summary["main_metric"]
-        if summary.get("test_before") and summary.get("test_after"):
-            info[f"test {metric}"] = f"{summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}"
-    return info

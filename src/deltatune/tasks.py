@@ -244,8 +244,12 @@ class LabelGeneration(Task):
         self.labels = labels
         self.text_column, self.label_column = text_column, label_column
         self.words = list(words) if words is not None else list(labels.names)
+        numbers = all(w.strip().lstrip("-").isdigit() for w in self.words)
         self.instruction = instruction or (
-            "Classify the text as " + " or ".join(self.words) + ". Answer with one word.\n\nText: {text}"
+            "Classify the text as "
+            + " or ".join(self.words)
+            + (". Answer with the number only." if numbers else ". Answer with one word.")
+            + "\n\nText: {text}"
         )
         self.system = system
         self.chat = bool(getattr(tokenizer, "chat_template", None))

@@ -41,9 +41,10 @@ from torch import nn
 from deltatune.checkpoint import atomic_write_bytes
 from deltatune.methods.bottleneck import find_blocks
 from deltatune.peft_model import PeftModel
+from deltatune.run_folder import LATEST
 from deltatune.tasks import Example, Task
 
-LATEST = "checkpoint-latest"
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
 
 
 @dataclasses.dataclass
@@ -70,9 +71,21 @@ class TrainArgs:
     compile: bool = False
     resume: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16: see autocast()
+    optim: str = "adamw"  # adamw | sgd | adafactor
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; SGD takes the first as its momentum
+    min_lr: float = 0.0  # the floor the linear and cosine schedules decay to
+    save_total_limit: int = 1  # checkpoints kept (the newest)
+    metric_for_best: str | None = None  # None: the task's main metric
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be between 0 and lr={self.lr}, got {self.min_lr}")
+        if self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be at least 1, got {self.save_total_limit}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -139,8 +152,17 @@ def learning_rate(step: int, total: int, args: TrainArgs) -> float:
         return args.lr
     progress = (step - warmup) / max(1, total - warmup)
     if args.schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return args.lr * max(0.0, 1 - progress)
+        return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.min_lr + (args.lr - args.min_lr) * max(0.0, 1 - progress)
+
+
+def make_optimizer(params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay), SGD with momentum ``betas[0]``, or Adafactor (factored second moments)."""
+    if args.optim == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.betas[0], weight_decay=args.weight_decay)
+    if args.optim == "adafactor":
+        return torch.optim.Adafactor(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
 
 
 def plan_epoch(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, group: bool) -> list[list[int]]:
@@ -172,8 +194,14 @@ class Trainer:
         distributed: Distributed | None = None,
         progress: Callable[..., Any] | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        export: Callable[[nn.Module, Path, bool], None] | None = None,
     ) -> None:
         self.model, self.task, self.train_examples, self.args = model, task, train, args
+        self.export = export or save_trained  # how best/ is written
+        self.metric = args.metric_for_best or task.main_metric
+        self.higher_is_better = task.higher_is_better if self.metric == task.main_metric else _higher(self.metric)
+        self.evaluations_without_gain = 0
+        self.stopped_early = False
         self.eval_examples = evaluation
         self.dist = distributed or Distributed()
         self.progress = progress
@@ -194,7 +222,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = make_optimizer(self.params, args)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
         self.step = 0
         self.best: float | None = None
@@ -277,15 +305,28 @@ class Trainer:
                 self._log(record)
                 if self.args.eval_every and self.step % self.args.eval_every == 0 and self.step < self.total_steps:
                     self._evaluate_and_keep_best()
+                    if self._patience_ran_out():
+                        break
                 if self.args.save_every and self.step % self.args.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             self.save_checkpoint()
             raise
-        if self.eval_examples:
+        if self.eval_examples and not self.stopped_early:
             self._evaluate_and_keep_best()
         self.save_checkpoint()
-        return {"steps": self.step, "train_seconds": self.train_seconds, "train_tokens": self.train_tokens}
+        return {
+            "steps": self.step,
+            "train_seconds": self.train_seconds,
+            "train_tokens": self.train_tokens,
+            "stopped_early": self.stopped_early,
+        }
+
+    def _patience_ran_out(self) -> bool:
+        patience = self.args.early_stopping_patience
+        if patience and self.evaluations_without_gain >= patience:
+            self.stopped_early = True
+        return self.stopped_early
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -299,11 +340,18 @@ class Trainer:
         metrics = self.evaluate(self.eval_examples)
         record = {"step": self.step, "split": "validation", **metrics}
         self._log(record)
-        value = metrics[self.task.main_metric]
-        better = self.best is None or (value > self.best if self.task.higher_is_better else value < self.best)
+        if self.metric not in metrics:
+            raise ValueError(
+                f"metric_for_best {self.metric!r} is not one of this task's metrics: {', '.join(sorted(metrics))}"
+            )
+        value = metrics[self.metric]
+        better = self.best is None or (value > self.best if self.higher_is_better else value < self.best)
         if better:
             self.best = value
-            save_trained(self.model, self.args.output / "best", main=self.dist.main)
+            self.evaluations_without_gain = 0
+            self.export(self.model, self.args.output / "best", self.dist.main)
+        else:
+            self.evaluations_without_gain += 1
         return metrics
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -334,13 +382,18 @@ class Trainer:
             "python_random": repr(random.getstate()),
             "global_batch": self.global_batch,
             "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
+            "evaluations_without_gain": self.evaluations_without_gain,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_bytes(output / LATEST, name.encode())
-        for old in output.glob("checkpoint-*"):
-            if old.is_dir() and old.name != name:
+        kept = sorted(
+            (p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in kept[: max(0, len(kept) - self.args.save_total_limit)]:
+            if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return final
@@ -368,6 +421,7 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
         self.step, self.best = state["step"], state["best"]
+        self.evaluations_without_gain = state.get("evaluations_without_gain", 0)
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
         return True
 
@@ -411,10 +465,11 @@ def save_trained(model: nn.Module, directory: Path, main: bool = True) -> None:
     if isinstance(model, PeftModel):
         model.save_pretrained(directory, is_main_process=main)
         return
-    state = {k: full_tensor(v).contiguous().clone() for k, v in model.state_dict().items()}
+    state = _drop_shared({k: full_tensor(v) for k, v in model.state_dict().items()})  # a tied weight once
+    state = {k: v.contiguous().clone() for k, v in state.items()}
     if main:
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(_drop_shared(state), str(directory / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -430,6 +485,11 @@ def load_trained(model: nn.Module, directory: Path) -> None:
             model._load_weights(folder, name, allow_pickle=False)
         return
     model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+
+
+def _higher(metric: str) -> bool:
+    """Whether a larger value of a metric is better (losses and perplexities are not)."""
+    return metric not in ("loss", "perplexity")
 
 
 def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
