@@ -231,6 +231,16 @@ def test_eval_of_a_run_folder_alone_reproduces_its_test_metrics(assets, llama_ru
     assert result["loss"] == pytest.approx(summary["test_after"]["loss"], rel=1e-5)
 
 
+def test_eval_of_a_run_folder_alone_uses_the_runs_test_limit(assets, tmp_path):
+    out = tmp_path / "limited"
+    args = train_args(assets, out, "--max-steps", "1", "--test-data", assets.cls_eval_csv, "--max-test", "8")
+    check_ok(invoke(*args))
+    summary = json.loads((out / "summary.json").read_text())
+    result = eval_json(invoke("eval", "--adapter", out))
+    assert result["examples"] == summary["test_after"]["examples"] == 8
+    assert eval_json(invoke("eval", "--adapter", out, "--max-examples", "12"))["examples"] == 12
+
+
 def test_peft_model_from_pretrained_takes_a_run_folder(assets, llama_run):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets.llama), llama_run)
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets.llama), llama_run / "adapter")

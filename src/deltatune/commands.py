@@ -95,8 +95,10 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
     model_name = base_model_for(trained, options.get("model"))
     options = {**options}
     run_options = _run_options(trained)
-    if "data" not in given and "test_data" not in given and run_options:
+    if "data" not in given and "test_data" not in given and run_options:  # the run's own test, as it ran
         options["data"], options["test_data"] = run_options.get("data", options["data"]), run_options.get("test_data")
+        if "max_examples" not in given:
+            options["max_examples"] = run_options.get("max_test", 0)
     data_file = options.get("test_data") or (None if options["data"] in datasets.BUILTIN_DATASETS else options["data"])
     if data_file and "split" in given:
         raise ValueError(f"--split applies to built-in data sets; the file {data_file} is evaluated whole")
