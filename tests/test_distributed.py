@@ -119,3 +119,28 @@ def test_fsdp_with_two_processes_matches_one(assets, single_process, tmp_path):
     out = tmp_path / "fsdp"
     torchrun([*run_args(assets, out, GLOBAL_BATCH // 2), "--fsdp"])
     check_same_run(out, single_process, processes=2)
+
+
+def test_fsdp_full_fine_tune_saves_a_model_folder_with_each_weight_once(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    check_ok(invoke(*run_args(assets, one, GLOBAL_BATCH), "--method", "full", "--lr", "1e-3"))
+    torchrun([*run_args(assets, two, GLOBAL_BATCH // 2), "--method", "full", "--lr", "1e-3", "--fsdp"])
+    for folder in (one, two):
+        assert (folder / "model" / "config.json").is_file() and (folder / "model" / "tokenizer.json").is_file()
+    single, sharded = (
+        load_file(str(one / "model" / "model.safetensors")),
+        load_file(str(two / "model" / "model.safetensors")),
+    )
+    assert "lm_head.weight" not in sharded and sorted(sharded) == sorted(single)
+    assert_same_tensors(sharded, single, atol=1e-5)
+
+
+def test_torchrun_refuses_a_non_empty_output_on_every_process(assets, single_process):
+    command = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    command += ["--master-port", str(free_port()), "-m", "deltatune", *run_args(assets, single_process, 4)]
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=120, cwd=ROOT)
+    output = result.stderr + result.stdout
+    assert result.returncode != 0 and output.count("is not empty") == 2  # each process, none hanging
+    assert "src/deltatune" not in output  # torchrun reports its failed children; no deltatune traceback

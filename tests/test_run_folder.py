@@ -26,6 +26,7 @@ from tiny_assets import (
     session_assets,
     train_args,
     write_csv,
+    write_jsonl,
 )
 
 
@@ -190,10 +191,27 @@ def test_merge_refuses_a_non_empty_output_and_the_adapters_own_folder(assets, ll
     assert not (taken / "x").exists() and (taken / "config.json").is_file()
 
 
-def test_a_failed_train_leaves_no_output_folder(assets, tmp_path):
+def test_a_failed_train_leaves_no_output_folder(assets, tmp_path, monkeypatch):
+    import deltatune.train
+
     out = tmp_path / "never"
     failure(invoke(*train_args(assets, out, "--max-steps", "1", "--targets", "q_proj,nonexistent_proj")))
     assert not out.exists()
+
+    def fail(self):
+        assert (out / "summary.json").is_file()  # the folder existed while the run ran
+        raise ValueError("the data ran out")
+
+    monkeypatch.setattr(deltatune.train.Trainer, "fit", fail)
+    assert "the data ran out" in failure(invoke(*train_args(assets, out, "--max-steps", "1", "--no-test")))
+    assert not out.exists()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_command_is_bad(assets, llama_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(llama_run, out)
+    failure(invoke(*train_args(assets, out, "--max-steps", "1", "--targets", "v_projj", "--overwrite")))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
 
 
 # -- 6. options that cannot apply -------------------------------------------------------------------
@@ -215,6 +233,38 @@ def test_an_unknown_metric_for_best_is_refused_before_training(assets, tmp_path)
     message = failure(invoke(*args))
     assert "--metric-for-best bleu" in message and "accuracy, macro_f1" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_with_another_task_than_the_adapters_is_an_error(assets, llama_run):
+    message = failure(invoke("eval", "--adapter", llama_run, "--data", assets.cls_eval_csv, "--task", "seq-cls"))
+    assert "--task seq-cls" in message and "label-generation" in message
+
+
+def test_eval_of_a_run_without_test_data_asks_for_data(assets, tmp_path):
+    out = tmp_path / "notest"
+    check_ok(invoke(*train_args(assets, out, "--max-steps", "1", "--no-test")))
+    message = failure(invoke("eval", "--adapter", out))
+    assert "had no test data" in message and "--data" in message
+
+
+def test_resume_of_a_chat_run_without_a_prompt_column(assets, tmp_path):
+    rows = [{"response": f"The film was {word}."} for word in ["great", "dull", "fine", "bad"] * 4]
+    data = write_jsonl(tmp_path / "text.jsonl", rows)
+    out = tmp_path / "chat"
+    args = train_args(assets, out, "--max-steps", "2", "--save-every", "1", "--batch-size", "4", "--no-test")
+    args[args.index(str(assets.cls_csv))] = str(data)
+    check_ok(invoke(*args, "--max-steps", "1"))
+    check_ok(invoke(*args, "--resume"))  # the same command continues: options as given, not as resolved
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_corrupt_adapter_on_its_own_base_says_corrupt(assets, llama_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_run, broken)
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    message = failure(invoke("eval", "--adapter", broken))
+    assert "corrupt or truncated" in message and "does not fit" not in message
 
 
 def test_split_with_a_data_file_is_an_error(assets, llama_run):
@@ -269,7 +319,7 @@ def test_merge_and_generate_take_the_base_model_from_the_adapter(assets, llama_r
 
 
 # -- 8. generate with a classification adapter ------------------------------------------------------
-def test_generate_puts_the_prompt_in_the_runs_instruction(assets, llama_run):
+def test_generate_puts_the_prompt_in_the_runs_instruction(assets, llama_run, monkeypatch):
     text = "The film was great."
     spec = TaskSpec.load(llama_run / "adapter")
     tokenizer = AutoTokenizer.from_pretrained(assets.llama)
@@ -280,6 +330,26 @@ def test_generate_puts_the_prompt_in_the_runs_instruction(assets, llama_run):
         first = int(model(input_ids=ids).logits[0, -1].argmax())
     result = check_ok(invoke("generate", "--adapter", llama_run, "--prompt", text, "--max-new-tokens", "1"))
     assert result.stdout.strip() == tokenizer.decode([first], skip_special_tokens=True).strip()
+
+    seen: list[list[int]] = []
+    real_generate = PeftModel.generate
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "generate", recording)
+    check_ok(invoke("generate", "--adapter", llama_run, "--prompt", text, "--max-new-tokens", "1"))
+    check_ok(invoke("generate", "--adapter", llama_run, "--prompt", text, "--max-new-tokens", "1", "--raw"))
+    raw = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    raw = raw["input_ids"] if isinstance(raw, dict) or hasattr(raw, "keys") else raw
+    assert seen == [ids[0].tolist(), list(raw)]
+
+
+def test_generate_refuses_prompt_and_prompts_together(assets, llama_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert "not both" in failure(invoke("generate", "--adapter", llama_run, "--prompt", "x", "--prompts", prompts))
 
 
 def test_train_takes_label_words_instruction_and_system(assets, tmp_path):
@@ -318,9 +388,12 @@ def test_bad_label_words_are_clear_errors(assets, tmp_path, words, expected):
 
 # -- 9. the options a run used, and --resume checks them ------------------------------------------------
 def test_summary_records_every_option(assets, llama_run):
+    from deltatune.cli import train
+
     summary = json.loads((llama_run / "summary.json").read_text())
     options = summary["options"]
     assert summary["status"] == "finished"
+    assert {p.name for p in train.params} - {"config"} == set(options)
     assert options["lr"] == 1e-2 and options["r"] == 4 and options["batch_size"] == 8 and options["seed"] == 3
     assert options["max_length"] == 256 and options["method"] == "lora" and options["targets"] == "all-linear"
 
@@ -365,9 +438,9 @@ def test_inspect_of_a_truncated_adapter_names_the_file(assets, llama_run, tmp_pa
     [("--lr", "-0.001"), ("--r", "0"), ("--batch-size", "0"), ("--dropout", "1.5"), ("--betas", "0.9")],
 )
 def test_invalid_numbers_are_refused_before_anything_loads(assets, tmp_path, monkeypatch, flag, value):
-    import deltatune.models
+    import deltatune.run
 
-    monkeypatch.setattr(deltatune.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(deltatune.run, "run_training", lambda *a, **k: pytest.fail("the run started"))
     result = invoke(*train_args(assets, tmp_path / "out", flag, value))
     assert result.exit_code == 2 and "Invalid value" in result.output and flag.lstrip("-") in result.output
 
@@ -512,8 +585,11 @@ def test_generate_options_and_a_file_of_prompts(assets, llama_run, tmp_path):
     sampled = ("--temperature", "1.0", "--top-p", "0.9", "--top-k", "20", "--repetition-penalty", "1.2")
     first = check_ok(invoke(*common, *sampled, "--seed", "7")).stdout
     again = check_ok(invoke(*common, *sampled, "--seed", "7")).stdout
+    other = check_ok(invoke(*common, *sampled, "--seed", "8")).stdout
+    greedy = check_ok(invoke(*common)).stdout
     replies = [json.loads(line) for line in first.splitlines() if line.startswith("{")]
     assert [r["prompt"] for r in replies] == ["hello there", "how are you"] and first == again
+    assert other != first and greedy != first  # the seed and the sampling options are used
     beams = check_ok(invoke(*common, "--num-beams", "2")).stdout
     assert len([line for line in beams.splitlines() if line.startswith("{")]) == 2
 

@@ -33,6 +33,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not fit the model; the message names which."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file cannot be read at all (truncated, not safetensors, not a tensor dict)."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +78,7 @@ def load_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> di
         try:
             return load_file(str(safe), device="cpu")
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{safe} is corrupt or truncated and cannot be read ({err})") from err
+            raise CorruptCheckpointError(f"{safe} is corrupt or truncated and cannot be read ({err})") from err
     unsafe = directory / UNSAFE_WEIGHTS_NAME
     if unsafe.is_file():
         if not allow_pickle:
@@ -85,9 +89,9 @@ def load_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> di
         try:
             state = torch.load(unsafe, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a bad pickle
-            raise CheckpointError(f"{unsafe} is corrupt or not a tensor dict ({err})") from err
+            raise CorruptCheckpointError(f"{unsafe} is corrupt or not a tensor dict ({err})") from err
         if not isinstance(state, dict):
-            raise CheckpointError(f"{unsafe} holds a {type(state).__name__}, not a dict of tensors")
+            raise CorruptCheckpointError(f"{unsafe} holds a {type(state).__name__}, not a dict of tensors")
         return state
     raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}: is this an adapter directory?")
 

@@ -355,7 +355,10 @@ def train(**options: Any) -> None:
     try:
         run_training(options, given)
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: a checkpoint was saved; continue with the same command plus --resume", err=True)
+        if (Path(options["output"]) / "checkpoint-latest").is_file():
+            click.echo("\ninterrupted: a checkpoint was saved; continue with the same command plus --resume", err=True)
+        else:
+            click.echo("\ninterrupted before training started: nothing was saved", err=True)
         sys.exit(130)
 
 
@@ -404,7 +407,7 @@ def generate(**options: Any) -> None:
     """Generate text, streaming tokens, from a prompt, a file of prompts or an interactive chat."""
     from deltatune.commands import run_generate
 
-    run_generate(options)
+    run_generate(options, given_options())
 
 
 @main.command()

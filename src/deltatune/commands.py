@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from deltatune import data as datasets
-from deltatune.checkpoint import CheckpointError, atomic_write_bytes
+from deltatune.checkpoint import CheckpointError, CorruptCheckpointError, atomic_write_bytes
 from deltatune.config import CONFIG_NAME, PeftConfig
-from deltatune.models import load_model
+from deltatune.models import EMBEDDED_MODELS, load_model
 from deltatune.peft_model import PeftModel
 from deltatune.run import (
+    check_max_length,
     choose_task,
     load_for_task,
     load_split,
@@ -57,6 +58,11 @@ def base_model_for(trained: Trained | None, model: str | None) -> str:
         if recorded and model_record(model) != recorded and model != recorded:
             logger.warning("%s was trained on %s; loading it onto %s as --model asks", trained.folder, recorded, model)
         return model
+    if recorded and recorded not in EMBEDDED_MODELS and not Path(recorded).is_dir():
+        raise ValueError(
+            f"the adapter in {trained.folder} was trained on {recorded}, which is not an embedded model nor an "
+            "existing folder here; pass --model with that base model"
+        )
     return recorded or DEFAULT_MODEL
 
 
@@ -66,7 +72,9 @@ def attach(model: torch.nn.Module, trained: Trained | None, model_name: str) -> 
         return model
     try:
         return PeftModel.from_pretrained(model, trained.folder)
-    except CheckpointError as err:
+    except CorruptCheckpointError:
+        raise
+    except ValueError as err:  # shapes or module names that differ: a checkpoint for another model
         recorded = trained.base_model
         raise ValueError(
             f"the adapter in {trained.folder} does not fit {model_name}"
@@ -97,6 +105,11 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
     run_options = _run_options(trained)
     if "data" not in given and "test_data" not in given and run_options:  # the run's own test, as it ran
         options["data"], options["test_data"] = run_options.get("data", options["data"]), run_options.get("test_data")
+        if not options["test_data"] and options["data"] not in datasets.BUILTIN_DATASETS:
+            raise ValueError(
+                f"the run in {trained.run} had no test data (it trained on {options['data']}); "
+                "name the file to evaluate with --data"
+            )
         if "max_examples" not in given:
             options["max_examples"] = run_options.get("max_test", 0)
     data_file = options.get("test_data") or (None if options["data"] in datasets.BUILTIN_DATASETS else options["data"])
@@ -104,6 +117,8 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
         raise ValueError(f"--split applies to built-in data sets; the file {data_file} is evaluated whole")
     spec = trained.spec if trained is not None else None
     if spec is not None:
+        if "task" in given and options["task"] not in ("auto", spec.kind):
+            raise ValueError(f"--task {options['task']}: {trained.folder} was trained for {spec.kind}")
         options.update({k: getattr(spec, k) for k in SPEC_COLUMNS if k not in given})
         spec = TaskSpec(**{**spec.__dict__, **{k: options[k] for k in SPEC_COLUMNS}})
     if data_file:
@@ -118,6 +133,9 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
     if data_file:
         records = datasets.load_records(data_file, columns=columns, on_bad_row=options["on_bad_row"])
     records = records[: options["max_examples"]] if options["max_examples"] else records
+    if options.get("predictions") and not spec.is_classification:
+        raise ValueError("--predictions applies to classification; for prompt/response data use deltatune generate")
+    check_max_length(model_name, spec.max_length)
     model, tokenizer = load_for_task(model_name, spec.kind, spec.num_labels or 2)
     model = attach(model, trained, model_name)
     task = make_task(spec, tokenizer, options["on_long"])
@@ -175,8 +193,6 @@ def _write_predictions(
     options: dict[str, Any],
 ) -> None:
     """One JSON line per example: the row, its text, its label, the prediction and whether it is right."""
-    if not spec.is_classification:
-        raise ValueError("--predictions applies to classification; for prompt/response data use deltatune generate")
     model.eval()
     lines = []
     size = options["eval_batch_size"]
@@ -201,16 +217,23 @@ def _write_predictions(
 
 
 # -- generate -------------------------------------------------------------------------------------
-def run_generate(options: dict[str, Any]) -> None:
+def run_generate(options: dict[str, Any], given: Collection[str] = ()) -> None:
     """Replies to one prompt, a file of prompts (JSON lines out) or an interactive chat, streamed."""
     from transformers import TextStreamer
 
+    if options.get("prompt") is not None and options.get("prompts"):
+        raise ValueError("give --prompt or --prompts, not both")
+    if options.get("temperature", 0.0) == 0:
+        unused = [f"--{k.replace('_', '-')}" for k in ("top_p", "top_k", "seed") if k in given]
+        if unused:
+            logger.warning("%s apply to sampling: give --temperature above 0, or they do nothing", ", ".join(unused))
     trained = _trained(options.get("adapter"))
     model_name = base_model_for(trained, options.get("model"))
     spec = trained.spec if trained is not None else None
     if spec is not None and spec.kind == "seq-cls":
         raise ValueError(f"{trained.folder} is a classifier with a head, not a generator; use deltatune eval")
-    model, tokenizer = load_model(model_name, task="causal-lm", allow_hub=False)
+    seq2seq = (spec.kind == "seq2seq") if spec is not None else model_family(model_name) == "seq2seq"
+    model, tokenizer = load_model(model_name, task="seq2seq" if seq2seq else "causal-lm", allow_hub=False)
     model = attach(model, trained, model_name)
     model.eval()
     template = make_task(spec, tokenizer) if spec is not None and spec.kind == "label-generation" else None
@@ -220,6 +243,8 @@ def run_generate(options: dict[str, Any]) -> None:
             "--raw sends it as typed",
             ", ".join(template.words),
         )
+    elif template is None and options.get("raw"):
+        logger.warning("--raw applies to a label-generation adapter's instruction; prompts go in as typed anyway")
     if options.get("seed") is not None:
         torch.manual_seed(options["seed"])
     prompts_file = options.get("prompts")
@@ -235,7 +260,7 @@ def run_generate(options: dict[str, Any]) -> None:
             ids = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)
         else:
             turns = (history if keep_history else []) + [{"role": "user", "content": text}]
-            if getattr(tokenizer, "chat_template", None):
+            if getattr(tokenizer, "chat_template", None) and not seq2seq:
                 ids = tokenizer.apply_chat_template(
                     turns, add_generation_prompt=True, return_tensors="pt", return_dict=True
                 )
@@ -249,7 +274,8 @@ def run_generate(options: dict[str, Any]) -> None:
             pad_token_id=tokenizer.pad_token_id,
             **sampling_options(options),
         )
-        answer = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        start = 0 if seq2seq else ids["input_ids"].shape[1]  # a decoder-only model returns the prompt too
+        answer = tokenizer.decode(output[0, start:], skip_special_tokens=True)
         if keep_history:
             history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
         return answer

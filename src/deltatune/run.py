@@ -33,10 +33,11 @@ from deltatune.run_folder import (
     ADAPTER_DIR,
     MODEL_DIR,
     TaskSpec,
+    check_output,
     check_resume,
+    clear_run,
     make_task,
     parse_label_words,
-    prepare_output,
     recorded_options,
     remove_failed_output,
     write_summary,
@@ -327,7 +328,10 @@ def _limit(records: list[Any], count: int) -> list[Any]:
 
 # -- checks before anything is loaded -----------------------------------------------------------
 def check_options(options: dict[str, Any], given: Collection[str]) -> None:
-    """Options that cannot apply are errors (or, where a config file may set them for all, warnings)."""
+    """Options that cannot apply: errors where the run would differ from what the user asked (validation
+    options without validation data), warnings where they are merely unused (another method's option)."""
+    if options.get("resume") and options.get("overwrite"):
+        raise ValueError("--resume continues the run in --output and --overwrite replaces it: give one of them")
     builtin = options["data"] in datasets.BUILTIN_DATASETS
     has_validation = bool(options.get("eval_data")) or (
         builtin and "validation" in datasets.BUILTIN_DATASETS[options["data"]].splits
@@ -356,16 +360,10 @@ def run_training(options: dict[str, Any], given: Collection[str] = ()) -> dict[s
     """The main job (see the module docstring); ``given`` names the options the user set."""
     output = Path(options["output"])
     dist_env = Distributed.from_env(options.get("device", "auto"))
-    check_options(options, given)
+    check_options(options, given)  # every process checks, so that each fails alike
+    created = check_output(output, resume=options["resume"], overwrite=bool(options.get("overwrite")))
     if options["resume"]:
-        prepare_output(output, resume=True, overwrite=False)
         check_resume(output, options)
-        created = False
-    elif dist_env.main:
-        created = prepare_output(output, resume=False, overwrite=bool(options.get("overwrite")))
-    else:
-        created = False
-    dist_env.barrier()
     try:
         return _train(options, output, dist_env, given)
     except BaseException as err:
@@ -385,6 +383,7 @@ def _mark_status(output: Path, status: str) -> None:
 
 def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: Collection[str]) -> dict[str, Any]:
     started = time.perf_counter()
+    recorded = recorded_options(options)  # as given: --resume compares a command with this
     torch.manual_seed(options["seed"])
     say = printer(dist_env.main)
 
@@ -444,18 +443,19 @@ def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: 
     )
     summary: dict[str, Any] = {
         "status": "running",
-        "options": recorded_options(options),
+        "options": recorded,
         "task_spec": spec.to_dict(),
         "model": options["model"],
         "method": options["method"],
         "task": task_kind,
         "data": options["data"],
     }
-    if dist_env.main:
+    if dist_env.main:  # everything is checked and loaded: only now is an earlier run replaced
+        if options.get("overwrite") and output.is_dir():
+            clear_run(output)
         output.mkdir(parents=True, exist_ok=True)
-        if not options["resume"]:
-            (output / "metrics.jsonl").unlink(missing_ok=True)
         write_summary(output, summary)
+    dist_env.barrier()
 
     batch = options["eval_batch_size"]
     before = (
@@ -567,7 +567,7 @@ def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: 
 def export_trained(model: nn.Module, folder: Path, main: bool, tokenizer: Any, spec: TaskSpec) -> None:
     """An adapter folder (PEFT's layout), or for a full fine-tune a transformers model folder
     (config, tokenizer, each weight once); either with the task spec. Every process calls this."""
-    from deltatune.train import full_tensor
+    from deltatune.train import gathered_state
 
     folder = Path(folder)
     if isinstance(model, PeftModel):
@@ -575,7 +575,7 @@ def export_trained(model: nn.Module, folder: Path, main: bool, tokenizer: Any, s
         if main:
             spec.save(folder)
         return
-    state = {k: full_tensor(v) for k, v in model.state_dict().items()}  # collective under FSDP
+    state = gathered_state(model)  # collective under FSDP; a tied weight once
     if not main:
         return
     save_model_folder(model, folder, tokenizer, spec, state_dict=state)

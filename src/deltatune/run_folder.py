@@ -225,8 +225,8 @@ def _run_entries(folder: Path) -> list[Path]:
     return [path for path in dict.fromkeys(found) if path.exists() or path.is_symlink()]
 
 
-def prepare_output(folder: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Check (and with ``overwrite`` clear) the run folder before anything is loaded.
+def check_output(folder: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Check the run folder before anything is loaded (every process; nothing is removed here).
 
     Returns True when the folder does not exist yet (the caller removes it again on failure).
     """
@@ -241,20 +241,22 @@ def prepare_output(folder: Path, *, resume: bool, overwrite: bool) -> bool:
     if not folder.exists():
         return True
     entries = sorted(p.name for p in folder.iterdir())
-    if not entries:
-        return False
-    if not overwrite:
+    if entries and not overwrite:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         raise ValueError(
             f"--output {folder} is not empty ({shown}); pass --overwrite to replace the run there, "
             "--resume to continue it, or choose another --output"
         )
-    for entry in _run_entries(folder):
+    return False
+
+
+def clear_run(folder: Path) -> None:
+    """``--overwrite``: remove what an earlier run wrote into ``folder``, and nothing else."""
+    for entry in _run_entries(Path(folder)):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    return False
 
 
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:

@@ -465,11 +465,18 @@ def save_trained(model: nn.Module, directory: Path, main: bool = True) -> None:
     if isinstance(model, PeftModel):
         model.save_pretrained(directory, is_main_process=main)
         return
-    state = _drop_shared({k: full_tensor(v) for k, v in model.state_dict().items()})  # a tied weight once
-    state = {k: v.contiguous().clone() for k, v in state.items()}
+    state = {k: v.contiguous().clone() for k, v in gathered_state(model).items()}
     if main:
         directory.mkdir(parents=True, exist_ok=True)
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each shared (tied) tensor once, FSDP shards gathered (collective).
+
+    Tied names are dropped before gathering: gathered copies no longer share memory.
+    """
+    return {k: full_tensor(v) for k, v in _drop_tied(model, model.state_dict()).items()}
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -492,16 +499,15 @@ def _higher(metric: str) -> bool:
     return metric not in ("loss", "perplexity")
 
 
-def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen: dict[int, str] = {}
-    out = {}
-    for key, tensor in state.items():
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            continue
-        seen[pointer] = key
-        out[key] = tensor
-    return out
+def _drop_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second name of a tied parameter (one Parameter reached by two paths).
+
+    Found from the module structure, not from memory addresses, so every process of a sharded model
+    drops the same keys (an empty local shard has no address to compare).
+    """
+    once = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - once
+    return {key: tensor for key, tensor in state.items() if key not in tied}
 
 
 def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
