@@ -106,7 +106,7 @@ def test_train_help_shows_every_option_with_its_default():
         assert name in lines, f"{name} missing from train --help"
         if param.default is not None and (not getattr(param, "is_flag", False) or param.secondary_opts):
             assert "[default: " in lines[name], f"{name} shows no default: {lines[name]!r}"
-    assert "[default: 0.0005; x>0]" in lines["--lr"]
+    assert "lora/dora: 0.0005" in lines["--lr"] and "x>0" in lines["--lr"]
     assert "[default: 16; x>=1]" in lines["--r"] and lines["--r"] is lines["--rank"]
     assert "[default: 70; x>=0]" in lines["--max-steps"]
     assert "[default: runs/default]" in lines["--output"]

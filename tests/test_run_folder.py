@@ -516,7 +516,7 @@ def test_lora_options_reach_the_adapter_config(assets, tmp_path):
     [
         ("prefix", ["--prefix-projection", "--encoder-hidden-size", "16"], {"prefix_projection": True}),
         ("ptuning", ["--encoder-type", "LSTM", "--encoder-hidden-size", "16"], {"encoder_hidden_size": 16}),
-        ("prompt", ["--prompt-init-text", "Classify the review"], {"prompt_tuning_init": "TEXT"}),
+        ("prompt", ["--prompt-init-text", "Classify the review", "--lr", "1e-9"], {"num_virtual_tokens": 4}),
     ],
 )
 def test_prompt_method_options_reach_the_adapter_config(assets, tmp_path, method, extra, expected):
@@ -528,6 +528,13 @@ def test_prompt_method_options_reach_the_adapter_config(assets, tmp_path, method
         assert config[key] == value
     if method == "ptuning":
         assert config["encoder_reparameterization_type"] == "LSTM"
+    if method == "prompt":  # the table started from the text's embeddings (PEFT's config says RANDOM: no
+        # tokenizer path a PEFT loader on another machine would have to find)
+        tokenizer = AutoTokenizer.from_pretrained(assets.llama)
+        ids = tokenizer("Classify the review", add_special_tokens=False)["input_ids"]
+        vocab = AutoModelForCausalLM.from_pretrained(assets.llama).get_input_embeddings().weight
+        table = adapter_tensors(out / "adapter")["prompt_embeddings"]
+        torch.testing.assert_close(table, vocab[(ids * 4)[:4]].detach(), atol=1e-6, rtol=0)
 
 
 def test_an_option_for_another_method_is_reported(assets, tmp_path, caplog):

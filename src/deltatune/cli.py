@@ -114,6 +114,27 @@ def _betas(_ctx: click.Context, _param: click.Parameter, value: Any) -> tuple[fl
     return betas  # type: ignore[return-value]
 
 
+class MethodDefault(click.Option):
+    """An option whose default comes from ``--method``: its help lists each method's own default.
+
+    The defaults live with the methods (``deltatune.registry.training_defaults``); they are read
+    only when the help is shown, so the command line starts without importing torch.
+    """
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        from deltatune.registry import trainable_methods
+        from deltatune.run import METHOD_FALLBACKS, METHOD_OPTIONS
+
+        by_value: dict[str, list[str]] = {}
+        for method, defaults in trainable_methods().items():
+            value = defaults.get(self.name, METHOD_FALLBACKS.get(self.name))
+            if self.name in METHOD_OPTIONS and method not in METHOD_OPTIONS[self.name]:
+                continue
+            by_value.setdefault("none" if value is None else str(value), []).append(method)
+        self.show_default = "; ".join(f"{'/'.join(methods)}: {value}" for value, methods in by_value.items())
+        return super().get_help_extra(ctx)
+
+
 POSITIVE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
 AT_LEAST_ONE = click.IntRange(min=1)
@@ -213,31 +234,58 @@ def eval_data_options(f: Any) -> Any:
     help="LoRA/DoRA init: true (B = 0), false, gaussian, pissa or pissa_niter_K.",
 )
 @click.option(
-    "--targets", default="all-linear", help="Modules to adapt (LoRA/DoRA/IA3): comma-separated names or 'all-linear'."
+    "--targets",
+    cls=MethodDefault,
+    default=None,
+    help="Modules to adapt (LoRA/DoRA/IA3): comma-separated names or 'all-linear' (IA3's none: keys, values, "
+    "feed-forward input).",
 )
 @click.option("--exclude-modules", default=None, help="Modules to leave alone (LoRA/DoRA/IA3), comma-separated.")
 @click.option("--layers-to-transform", default=None, help="Only these blocks, e.g. 0,1,4-7 (LoRA/DoRA/IA3/adapter).")
 @click.option(
     "--modules-to-save", default=None, help="Modules trained in full and saved with the adapter, comma-separated."
 )
-@click.option("--virtual-tokens", default=20, type=AT_LEAST_ONE, help="Virtual tokens (prompt, ptuning, prefix).")
 @click.option(
-    "--prefix-projection/--no-prefix-projection", default=False, help="Prefix tuning through an MLP reparameterisation."
+    "--virtual-tokens",
+    cls=MethodDefault,
+    default=None,
+    type=AT_LEAST_ONE,
+    help="Virtual tokens (prompt, ptuning, prefix).",
+)
+@click.option(
+    "--virtual-init",
+    cls=MethodDefault,
+    default=None,
+    type=click.Choice(["task", "vocab", "random"]),
+    help="Where virtual tokens start: task (the embeddings, or for prefix tuning the activations, of the task's "
+    "own instruction and label words), vocab (sampled vocabulary rows), random.",
+)
+@click.option(
+    "--prefix-projection/--no-prefix-projection",
+    cls=MethodDefault,
+    default=None,
+    help="Prefix tuning through an MLP reparameterisation.",
 )
 @click.option(
     "--encoder-hidden-size",
+    cls=MethodDefault,
     default=None,
     type=AT_LEAST_ONE,
-    show_default="prefix: the key/value width; ptuning: 128",
-    help="Hidden width of the prefix projection or the P-tuning encoder.",
+    help="Hidden width of the prefix projection (none: the key/value width) or the P-tuning encoder.",
 )
 @click.option("--encoder-type", type=click.Choice(["MLP", "LSTM"]), default="MLP", help="P-tuning prompt encoder.")
 @click.option(
     "--prompt-init-text",
     default=None,
-    help="Prompt tuning: start the virtual tokens from this text's embeddings (default: sampled vocabulary).",
+    help="With --virtual-init task: start the virtual tokens from this text instead of the task's words.",
 )
-@click.option("--reduction-factor", default=16, type=AT_LEAST_ONE, help="Bottleneck adapter reduction factor.")
+@click.option(
+    "--reduction-factor",
+    cls=MethodDefault,
+    default=None,
+    type=AT_LEAST_ONE,
+    help="Bottleneck adapter reduction factor.",
+)
 @click.option(
     "--placement",
     type=click.Choice(["houlsby", "pfeiffer", "parallel"]),
@@ -257,7 +305,7 @@ def eval_data_options(f: Any) -> Any:
     help="Label generation: the user turn, with {text} where the example goes.",
 )
 @click.option("--system", default=None, help="Label generation: a system turn (default: the model's own).")
-@click.option("--lr", default=5e-4, type=POSITIVE, help="Peak learning rate.")
+@click.option("--lr", cls=MethodDefault, default=None, type=POSITIVE, help="Peak learning rate.")
 @click.option("--min-lr", default=0.0, type=NON_NEGATIVE, help="Learning rate the linear/cosine schedule decays to.")
 @click.option(
     "--schedule",
@@ -266,7 +314,11 @@ def eval_data_options(f: Any) -> Any:
     help="Learning-rate schedule after warmup.",
 )
 @click.option(
-    "--warmup", default=0.05, type=NON_NEGATIVE, help="Warmup: a fraction of the steps (< 1) or a number of steps."
+    "--warmup",
+    cls=MethodDefault,
+    default=None,
+    type=NON_NEGATIVE,
+    help="Warmup: a fraction of the steps (< 1) or a number of steps.",
 )
 @click.option("--optim", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", help="Optimizer.")
 @click.option("--betas", default="0.9,0.999", callback=_betas, help="AdamW betas (SGD: the first is its momentum).")
@@ -340,7 +392,11 @@ def eval_data_options(f: Any) -> Any:
 )
 @friendly_errors
 def train(**options: Any) -> None:
-    """Fine-tune a model: progress bar, evaluation, checkpoints, and a summary of PEFT's promises."""
+    """Fine-tune a model: progress bar, evaluation, checkpoints, and a summary of PEFT's promises.
+
+    Each method trains at its own defaults (learning rate, warmup, virtual tokens and their start,
+    targets), shown per method below; an option given on the command line or in --config wins.
+    """
     from deltatune.run import run_training
 
     given = given_options()

@@ -377,6 +377,13 @@ class PeftModel(nn.Module):
                 return self.prompt_encoder[name]
         return None
 
+    def start_virtual_tokens_from(self, ids: list[int], adapter_name: str | None = None) -> None:
+        """Start an input adapter's virtual tokens (prompt, P-tuning, prefix) from real tokens ``ids``."""
+        name = adapter_name or next((n for n in self._active if n in self.prompt_encoder), None)
+        if name is None or name not in self.prompt_encoder:
+            raise ValueError("start_virtual_tokens_from needs an active prompt, P-tuning or prefix adapter")
+        self.prompt_encoder[name].start_from_tokens(self._model, ids)
+
     @_ForwardWithBaseSignature
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the active adapters (its signature is the base model's).

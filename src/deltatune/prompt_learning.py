@@ -197,6 +197,15 @@ class InputAdapter(nn.Module):
     def prepare_forward(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def start_from_tokens(self, model: nn.Module, ids: list[int]) -> None:
+        """Set the virtual tokens so that ``model`` starts as if ``ids`` stood before every input.
+
+        ``ids`` are repeated or cut to ``num_virtual_tokens``. Starting from real tokens, not random
+        vectors, keeps the first steps' loss near the base model's (Lester et al. 2021, section
+        3.2; Li and Liang 2021, section 7.2).
+        """
+        raise NotImplementedError
+
     def prepare_generate(self, model: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """Generate kwargs and how many leading dummy ids to cut off the output."""
         raise NotImplementedError
@@ -223,3 +232,24 @@ def dummy_prefix(kwargs: dict[str, Any], count: int, model: nn.Module) -> None:
     if mask is None:
         mask = torch.ones_like(ids)
     kwargs["attention_mask"] = prepend(mask, count, 1)
+
+
+def virtual_ids(ids: list[int], count: int) -> list[int]:
+    """``ids`` repeated, then cut, to ``count`` tokens."""
+    if not ids:
+        raise ValueError("the text for the virtual tokens tokenises to no tokens; give a non-empty text")
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+@torch.no_grad()
+def fit_output_layer(linear: nn.Linear, features: torch.Tensor, target: torch.Tensor) -> None:
+    """Set ``linear``'s weight and bias so that ``linear(features) == target`` (least squares).
+
+    A reparameterised table (an MLP's output) then starts at ``target`` exactly when the features
+    of the ``n`` rows are linearly independent (``n <= hidden + 1``), which their random
+    initialisation makes them.
+    """
+    design = torch.cat([features.double(), torch.ones(features.shape[0], 1, dtype=torch.double)], dim=1)
+    solution = torch.linalg.lstsq(design.cpu(), target.double().cpu(), driver="gelsd").solution
+    linear.weight.copy_(solution[:-1].T.to(linear.weight))
+    linear.bias.copy_(solution[-1].to(linear.bias))

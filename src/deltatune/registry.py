@@ -8,8 +8,8 @@ imports every built-in method, so the registry is complete once ``deltatune`` is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from deltatune.config import ConfigError, PeftConfig, PeftType
 
@@ -53,3 +53,47 @@ def get_method(peft_type: PeftType | str) -> Method:
         known = ", ".join(sorted(_METHODS))
         raise ConfigError(f"unknown peft_type {key!r}; deltatune implements: {known}")
     return _METHODS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingDefaults:
+    """What ``deltatune train --method NAME`` uses for the options the user does not give.
+
+    Attributes:
+        lr: peak learning rate.
+        warmup: warmup (a fraction of the steps when < 1).
+        options: other ``train`` options by name (``virtual_tokens``, ``targets``, ...).
+        source: where the values come from (paper, measurement), shown by ``--help``'s reader.
+    """
+
+    lr: float
+    warmup: float = 0.05
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    def get(self, option: str, fallback: Any = None) -> Any:
+        if option == "lr":
+            return self.lr
+        if option == "warmup":
+            return self.warmup
+        return self.options.get(option, fallback)
+
+
+_TRAINING_DEFAULTS: dict[str, TrainingDefaults] = {}
+
+
+def register_training_defaults(name: str, defaults: TrainingDefaults) -> TrainingDefaults:
+    """Declare a ``train --method`` name's defaults (from the method's own module)."""
+    _TRAINING_DEFAULTS[name] = defaults
+    return defaults
+
+
+def training_defaults(name: str) -> TrainingDefaults:
+    if name not in _TRAINING_DEFAULTS:
+        raise ConfigError(f"no training defaults for method {name!r}; known: {', '.join(_TRAINING_DEFAULTS)}")
+    return _TRAINING_DEFAULTS[name]
+
+
+def trainable_methods() -> dict[str, TrainingDefaults]:
+    """Every ``train --method`` name with its defaults, in registration order."""
+    return dict(_TRAINING_DEFAULTS)

@@ -59,12 +59,27 @@ METHOD_OPTIONS = {
     "layers_to_transform": ("lora", "dora", "ia3", "adapter"),
     "modules_to_save": ("lora", "dora", "ia3", "adapter"),
     "virtual_tokens": ("prefix", "prompt", "ptuning"),
+    "virtual_init": ("prefix", "prompt", "ptuning"),
     "prefix_projection": ("prefix",),
     "encoder_hidden_size": ("prefix", "ptuning"),
     "encoder_type": ("ptuning",),
-    "prompt_init_text": ("prompt",),
+    "prompt_init_text": ("prefix", "prompt", "ptuning"),
     "reduction_factor": ("adapter",),
     "placement": ("adapter",),
+}
+# Options whose default is the method's own (deltatune.registry.training_defaults); these values
+# serve a method whose module names none.
+METHOD_DEFAULTED = ("lr", "warmup", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
+METHOD_DEFAULTED += ("encoder_hidden_size", "reduction_factor")
+METHOD_FALLBACKS: dict[str, Any] = {
+    "lr": 5e-4,
+    "warmup": 0.05,
+    "targets": "all-linear",
+    "virtual_tokens": 20,
+    "virtual_init": "random",
+    "prefix_projection": False,
+    "encoder_hidden_size": None,
+    "reduction_factor": 16,
 }
 LABEL_GENERATION_OPTIONS = ("label_words", "instruction", "system")
 TASK_METRICS = {
@@ -169,6 +184,18 @@ def task_spec(kind: str, records: list[dict[str, Any]], options: dict[str, Any],
     return spec
 
 
+def task_words(spec: TaskSpec, records: list[dict[str, Any]]) -> str:
+    """The task in the task's own words, where virtual tokens start: the instruction and the label
+    words for label generation, the label names for a classifier, else the first training prompt."""
+    if spec.kind == "label-generation":
+        instruction = " ".join((spec.instruction or "").replace("{text}", " ").split())
+        return f"{' '.join(spec.label_words or spec.labels or [])} {instruction}".strip()  # labels first: kept
+    if spec.kind == "seq-cls":
+        return " ".join(spec.labels or [])
+    column = spec.prompt_column if spec.prompt_column and spec.prompt_column in records[0] else spec.response_column
+    return str(records[0][column])
+
+
 def _check_instruction(instruction: str) -> None:
     try:
         filled = instruction.format(text="\0")
@@ -222,7 +249,7 @@ def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
     task_type = {"seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(task_kind, "CAUSAL_LM")
     method = options["method"]
     targets = options["targets"]
-    target_modules: Any = targets if targets == "all-linear" else _names(targets)
+    target_modules: Any = targets if targets in (None, "all-linear") else _names(targets)
     tokens = options["virtual_tokens"]
     narrowing = {
         "layers_to_transform": parse_layers(options.get("layers_to_transform")),
@@ -244,21 +271,14 @@ def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
         )
     if method == "ia3":
         return IA3Config(
-            target_modules=None if targets == "all-linear" else target_modules,
+            target_modules=target_modules,
             exclude_modules=_names(options.get("exclude_modules")),
             task_type=task_type,
             **narrowing,
         )
-    if method == "prompt":
-        if options.get("prompt_init_text"):
-            return PromptTuningConfig(
-                num_virtual_tokens=tokens,
-                prompt_tuning_init="TEXT",
-                prompt_tuning_init_text=options["prompt_init_text"],
-                tokenizer_name_or_path=str(resolve_model_path(options["model"], allow_hub=False)),
-                task_type=task_type,
-            )
-        return PromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init="SAMPLE_VOCAB", task_type=task_type)
+    if method == "prompt":  # "task": the table is set from the task's words after the model is wrapped
+        init = {"vocab": "SAMPLE_VOCAB"}.get(options.get("virtual_init") or "", "RANDOM")
+        return PromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init=init, task_type=task_type)
     if method == "ptuning":
         return PromptEncoderConfig(
             num_virtual_tokens=tokens,
@@ -326,6 +346,18 @@ def _limit(records: list[Any], count: int) -> list[Any]:
     return records[:count] if count else records
 
 
+def with_method_defaults(options: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
+    """``options`` with each method-defaulted option the user did not give set to the method's default."""
+    from deltatune.registry import training_defaults
+
+    defaults = training_defaults(options["method"])
+    resolved = dict(options)
+    for key in METHOD_DEFAULTED:
+        if key not in given or resolved.get(key) is None:
+            resolved[key] = defaults.get(key, METHOD_FALLBACKS[key])
+    return resolved
+
+
 # -- checks before anything is loaded -----------------------------------------------------------
 def check_options(options: dict[str, Any], given: Collection[str]) -> None:
     """Options that cannot apply: errors where the run would differ from what the user asked (validation
@@ -359,6 +391,7 @@ def check_options(options: dict[str, Any], given: Collection[str]) -> None:
 def run_training(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
     """The main job (see the module docstring); ``given`` names the options the user set."""
     output = Path(options["output"])
+    options = with_method_defaults(options, given)
     dist_env = Distributed.from_env(options.get("device", "auto"))
     check_options(options, given)  # every process checks, so that each fails alike
     created = check_output(output, resume=options["resume"], overwrite=bool(options.get("overwrite")))
@@ -436,6 +469,9 @@ def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: 
         check_targets(model, options)
         config.base_model_name_or_path = spec.base_model
         trained = get_peft_model(model, config)
+        if config.is_prompt_learning and (options.get("virtual_init") == "task" or options.get("prompt_init_text")):
+            text = options.get("prompt_init_text") or task_words(spec, train_records)
+            trained.start_virtual_tokens_from(tokenizer(text, add_special_tokens=False)["input_ids"])
     trainable, total = _count(trained)
     say(
         f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "

@@ -188,13 +188,12 @@ def _cache_off(model: Any) -> bool:
     return bool(model.training and off)
 
 
-def _plain_forward(model: Any) -> bool:
-    """True when the model's inputs reach the base model unchanged (no prompt/prefix adapter, no FSDP)."""
-    inner = _unwrapped(model)
-    if hasattr(model, "unshard"):
-        return False
-    active_input = getattr(inner, "_active_input_adapter", None)
-    return active_input is None or active_input() is None
+def _prefix_can_be_shared(model: Any) -> bool:
+    """True when a prompt prefix every row shares can run once and be cached: not under FSDP (its
+    forward gathers shards per call). A prompt or prefix adapter in front is fine: its virtual tokens
+    are the same for every row, so they go into the shared cache too, and the adapter knows that
+    a call with a filled cache has them already (it only widens the mask and shifts positions)."""
+    return not hasattr(model, "unshard")
 
 
 class ClassificationMetrics:
@@ -311,7 +310,7 @@ class LabelGeneration(Task):
 
     def _outputs(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         """The model's outputs at each row's last position: logits, or hidden states while its head is bypassed."""
-        if "shared_prefix" in batch and _plain_forward(model) and not _cache_off(model):
+        if "shared_prefix" in batch and _prefix_can_be_shared(model) and not _cache_off(model):
             return self._outputs_with_shared_prefix(model, batch)
         return model(**model_inputs(batch), logits_to_keep=1).logits[:, -1]
 

@@ -1,5 +1,6 @@
 """One module per method: its config, its layer and the rule that attaches it (see ``registry``)."""
 
+from deltatune.methods import full as _full  # noqa: F401  (registers the full fine-tuning defaults)
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoraConfig

@@ -38,7 +38,7 @@ from torch import nn
 from deltatune import engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
-from deltatune.registry import Method, register_method
+from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
 
 logger = logging.getLogger("deltatune")
 
@@ -389,3 +389,9 @@ def attach_ia3(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[
 
 
 IA3 = register_method(Method(peft_type=PeftType.IA3, config_class=IA3Config, attach=attach_ia3))
+
+# (IA)^3 learns three vectors per block: it needs a learning rate about ten times LoRA's (Liu et al.
+# 2022 train T-Few at 3e-3 with Adafactor); targets None: the keys, values and feed-forward input.
+register_training_defaults(
+    "ia3", TrainingDefaults(lr=5e-3, options={"targets": None}, source="T-Few trains at 3e-3; lr measured")
+)

@@ -41,7 +41,7 @@ from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.methods.lora_combine import COMBINATIONS, combine_factors
 from deltatune.methods.lora_kernel import FusedLoraLinear
-from deltatune.registry import Method, register_method
+from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
 
 
 @dataclasses.dataclass
@@ -697,4 +697,14 @@ def _rank(layer: AdapterLayer, name: str) -> int:
 
 LORA = register_method(
     Method(peft_type=PeftType.LORA, config_class=LoraConfig, attach=attach_lora, combine=add_weighted_adapter)
+)
+
+# `deltatune train` defaults: all linear layers at r=16, alpha=32 (Dettmers et al. 2023 find all-linear
+# LoRA matches full fine-tuning where attention-only does not); 5e-4 measured on rotten-tomatoes.
+_LORA_DEFAULTS = {"targets": "all-linear", "r": 16, "alpha": 32.0}
+register_training_defaults(
+    "lora", TrainingDefaults(lr=5e-4, options=_LORA_DEFAULTS, source="all-linear r=16 (QLoRA paper); lr measured")
+)
+register_training_defaults(
+    "dora", TrainingDefaults(lr=5e-4, options=_LORA_DEFAULTS, source="as LoRA (Liu et al. 2024 use LoRA's settings)")
 )
