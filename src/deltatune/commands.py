@@ -100,7 +100,13 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
     The data: ``--test-data`` or ``--data`` when given, else the run's own test data.
     """
     trained = _trained(options.get("adapter"))
-    model_name = base_model_for(trained, options.get("model"))
+    without = bool(options.get("without_adapter"))
+    if without and trained is None:
+        raise ValueError("--without-adapter takes the task of an --adapter (run folder) and leaves its weights off")
+    if without and trained.spec is not None and trained.spec.base_model and not options.get("model"):
+        model_name = trained.spec.base_model  # a full fine-tune's own base, too
+    else:
+        model_name = base_model_for(trained, options.get("model"))
     options = {**options}
     run_options = _run_options(trained)
     if "data" not in given and "test_data" not in given and run_options:  # the run's own test, as it ran
@@ -137,7 +143,8 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
         raise ValueError("--predictions applies to classification; for prompt/response data use deltatune generate")
     check_max_length(model_name, spec.max_length)
     model, tokenizer = load_for_task(model_name, spec.kind, spec.num_labels or 2)
-    model = attach(model, trained, model_name)
+    if not without:
+        model = attach(model, trained, model_name)
     task = make_task(spec, tokenizer, options["on_long"])
     examples, kept = _encode_keeping_rows(task, records, name)
     metrics = evaluate(model, task, examples, options["eval_batch_size"], Distributed())
@@ -150,7 +157,7 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
         "split": split,
         "labels": spec.labels,
         "model": model_name,
-        "adapter": str(trained.folder) if trained is not None else None,
+        "adapter": str(trained.folder) if trained is not None and not without else None,
     }
 
 

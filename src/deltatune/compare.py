@@ -1,0 +1,344 @@
+"""``deltatune compare``: every method on the same data, split, budget and seed, side by side.
+
+Each (method, training-set size, seed, learning rate) is a sub-run: an ordinary ``deltatune train``
+run in its own folder under ``<output>/runs/``, started as a child process so that each one's time
+and peak memory are its own. A finished sub-run is never repeated (an interrupted compare picks up
+where it stopped, resuming a sub-run that has a checkpoint); its test metrics come from
+``deltatune eval`` on the sub-run folder, the zero-shot baseline from the same evaluation with the
+adapter left off.
+
+``--data-sizes`` repeats the comparison on nested subsets: ``--max-train N`` keeps the first N
+training records in the data set's fixed order, so every smaller set lies inside every larger one.
+``--lr-sweep`` trains each method at its default learning rate times 1/3, 1 and 3 and keeps the one
+with the best validation metric (the test split is never looked at to choose).
+
+The rows go to ``compare.json``; :mod:`deltatune.compare_report` turns them into ``report.md``
+and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from deltatune import data as datasets
+from deltatune.checkpoint import atomic_write_bytes
+from deltatune.run_folder import LATEST, read_summary
+
+logger = logging.getLogger("deltatune")
+
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
+# train options that a compare decides per sub-run, or that make no sense across methods
+PER_RUN = {"method", "output", "resume", "overwrite", "seed", "max_train", "lr", "test_eval", "test_before"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SubRun:
+    """One training run of a compare."""
+
+    method: str
+    size: int  # training examples (0: all)
+    seed: int
+    lr: float | None = None  # None: the method's default
+
+    @property
+    def name(self) -> str:
+        size = "all" if not self.size else str(self.size)
+        return f"{self.method}-n{size}-s{self.seed}" + (f"-lr{self.lr:g}" if self.lr is not None else "")
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``--data-sizes 32,128,all`` -> [32, 128, 0] (0: the whole training set), ascending."""
+    sizes: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == "all":
+            sizes.append(0)
+        elif part.isdigit() and int(part) > 0:
+            sizes.append(int(part))
+        else:
+            raise ValueError(f"--data-sizes {text!r}: {part!r} is neither a positive number nor 'all'")
+    return sorted(set(sizes), key=lambda n: n or float("inf"))
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected whole numbers such as 0,1,2") from None
+
+
+def parse_methods(text: str) -> list[str]:
+    from deltatune.registry import trainable_methods
+
+    known = trainable_methods()
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise ValueError(f"--methods {text!r}: unknown {unknown}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(methods))
+
+
+def default_lr(method: str) -> float:
+    from deltatune.registry import training_defaults
+
+    return training_defaults(method).lr
+
+
+# -- running --------------------------------------------------------------------------------------
+def run_compare(options: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
+    """Train every sub-run that is not finished yet, evaluate, and write compare.json and the reports."""
+    output = Path(options["output"])
+    methods = parse_methods(options["methods"])
+    sizes = parse_sizes(options["data_sizes"])
+    seeds = parse_seeds(options["seeds"])
+    builtin = options["data"] in datasets.BUILTIN_DATASETS
+    has_validation = bool(options.get("eval_data")) or (
+        builtin and "validation" in datasets.BUILTIN_DATASETS[options["data"]].splits
+    )
+    if options["lr_sweep"] and not has_validation:
+        raise ValueError("--lr-sweep chooses on validation data: pass --eval-data FILE (never the test set)")
+    if not builtin and not options.get("test_data"):
+        raise ValueError("compare reports test metrics: pass --test-data FILE (a data file has no test split)")
+    shared = {k: v for k, v in options.items() if k in given and k not in PER_RUN and k not in COMPARE_ONLY}
+    if has_validation and "eval_every" not in given:
+        shared["eval_every"] = max(1, (options.get("max_steps") or 70) // 5)  # a validation curve
+    output.mkdir(parents=True, exist_ok=True)
+    _check_same_compare(output, options, given)
+
+    plan = []
+    for size in sizes:
+        for seed in seeds:
+            for method in methods:
+                lrs = [default_lr(method) * f for f in SWEEP_FACTORS] if options["lr_sweep"] else [None]
+                plan += [SubRun(method, size, seed, lr) for lr in lrs]
+    runner = _Runner(output, shared, len(plan))
+    with runner:
+        for sub in plan:
+            runner.train(sub)
+    chosen = choose_runs(plan, output) if options["lr_sweep"] else plan
+    zero_shot = runner.evaluate(chosen[0], without_adapter=True)  # the base model: any sub-run's task
+    rows = [collect_row(sub, output, runner.evaluate(sub), zero_shot) for sub in chosen]
+    result = {
+        "command": {k: v for k, v in options.items() if k in given or k in COMPARE_ONLY},
+        "zero_shot": zero_shot,
+        "rows": rows,
+        "swept": [collect_sweep_row(sub, output) for sub in plan] if options["lr_sweep"] else [],
+    }
+    atomic_write_bytes(output / "compare.json", (json.dumps(result, indent=2) + "\n").encode())
+    from deltatune.compare_report import write_reports
+
+    write_reports(result, output)
+    return result
+
+
+COMPARE_ONLY = {"methods", "data_sizes", "seeds", "lr_sweep"}
+
+
+def _check_same_compare(output: Path, options: dict[str, Any], given: Collection[str]) -> None:
+    """A compare folder is continued only by the same command: other options would mix two experiments."""
+    record = output / "compare_command.json"
+    command = json.loads(json.dumps({k: options[k] for k in sorted(given) if k not in COMPARE_ONLY}, default=str))
+    if record.is_file():
+        before = json.loads(record.read_text())
+        if before != command:
+            changed = sorted(set(before) ^ set(command) | {k for k in before if before.get(k) != command.get(k)})
+            raise ValueError(
+                f"{output} holds a compare with other options ({', '.join(changed)}); use another --output"
+            )
+    atomic_write_bytes(record, (json.dumps(command, indent=2) + "\n").encode())
+
+
+class _Runner:
+    """Runs sub-runs as child processes, one progress display across all of them."""
+
+    def __init__(self, output: Path, shared: dict[str, Any], total: int) -> None:
+        self.output, self.shared, self.total = output, shared, total
+        self.done = 0
+        self.progress: Any = None
+
+    def __enter__(self) -> _Runner:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]compare"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task("compare", total=self.total, info="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def folder(self, sub: SubRun) -> Path:
+        return self.output / "runs" / sub.name
+
+    def train(self, sub: SubRun) -> None:
+        folder = self.folder(sub)
+        summary = read_summary(folder) if folder.is_dir() else None
+        if summary and summary.get("status") == "finished":
+            self._advance(f"{sub.name}: finished earlier")
+            return
+        config = {**self.shared, "method": sub.method, "seed": sub.seed, "max_train": sub.size}
+        config |= {"output": str(folder), "test_eval": False}
+        if sub.lr is not None:
+            config["lr"] = sub.lr
+        if (folder / LATEST).is_file():
+            config["resume"] = True
+        elif folder.exists():
+            config["overwrite"] = True
+        for stale in self.side("evals", sub, "*.json").parent.glob(f"{sub.name}.*.json"):
+            stale.unlink()  # evaluations of an earlier, unfinished attempt
+        config_file = self.side("configs", sub, "yaml")
+        config_file.write_text(json.dumps(config))  # JSON is YAML
+        command = [sys.executable, "-m", "deltatune", "train", "--config", str(config_file)]
+        log = self.side("logs", sub, "train.log")
+        self._run(command, log, log, sub.name, folder / "metrics.jsonl")
+        self._advance(f"{sub.name}: done")
+
+    def side(self, kind: str, sub: SubRun, suffix: str) -> Path:
+        """A file about a sub-run kept beside the runs (its folder holds only what train wrote)."""
+        folder = self.output / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{sub.name}.{suffix}"
+
+    def evaluate(self, sub: SubRun, without_adapter: bool = False) -> dict[str, Any]:
+        """Test metrics of a sub-run (kept in its folder), or of the base model with its task."""
+        folder = self.folder(sub)
+        stem = "zero_shot" if without_adapter else "test"
+        cached = self.side("evals", sub, f"{stem}.json")
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        command = [sys.executable, "-m", "deltatune", "eval", "--adapter", str(folder)]
+        if without_adapter:
+            command.append("--without-adapter")
+        self.progress.update(self.task, info=f"evaluating {sub.name}{' (zero-shot)' if without_adapter else ''}")
+        out = self.side("logs", sub, f"{stem}.out")
+        self._run(command, out, self.side("logs", sub, f"{stem}.log"), sub.name, None)
+        text = out.read_text()
+        metrics = json.loads(text[text.index("{") :])
+        atomic_write_bytes(cached, json.dumps(metrics, indent=2).encode())
+        out.unlink()
+        return metrics
+
+    def _run(self, command: list[str], stdout: Path, log: Path, name: str, metrics: Path | None) -> None:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+        with open(stdout, "w", encoding="utf-8") as out, open(log, "a", encoding="utf-8") as err:
+            child = subprocess.Popen(command, stdout=out, stderr=out if stdout == log else err, env=env)
+            try:
+                while child.poll() is None:
+                    if metrics is not None:
+                        self.progress.update(self.task, info=f"{name}: {_last_step(metrics)}")
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                child.send_signal(signal.SIGINT)  # the child saves a checkpoint; the next compare resumes it
+                child.wait()
+                raise
+        if child.returncode != 0:
+            texts = {stdout.read_text(errors="replace"), log.read_text(errors="replace")}
+            lines = "".join(texts).strip().splitlines()
+            raise ValueError(f"sub-run {name} failed (exit {child.returncode}; log {log}): {' '.join(lines[-3:])}")
+
+    def _advance(self, info: str) -> None:
+        self.done += 1
+        self.progress.update(self.task, completed=self.done, info=info)
+
+
+def _last_step(metrics: Path) -> str:
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return "starting"
+    for line in reversed(lines):
+        row = json.loads(line) if line.strip() else {}
+        if "split" not in row and "loss" in row:
+            return f"step {row['step']}, loss {row['loss']:.4f}"
+    return "loading"
+
+
+# -- rows -----------------------------------------------------------------------------------------
+def _validation(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "split" not in r], [r for r in rows if r.get("split") == "validation"]
+
+
+def choose_runs(plan: list[SubRun], output: Path) -> list[SubRun]:
+    """Per (method, size, seed), the learning rate with the best validation metric."""
+    best: dict[tuple[str, int, int], tuple[float, SubRun]] = {}
+    for sub in plan:
+        summary = read_summary(output / "runs" / sub.name) or {}
+        value = summary.get("best_validation")
+        if value is None:
+            continue
+        higher = summary.get("metric_for_best") not in ("loss", "perplexity")
+        score = value if higher else -value
+        key = (sub.method, sub.size, sub.seed)
+        if key not in best or score > best[key][0]:
+            best[key] = (score, sub)
+    return [sub for _, sub in best.values()]
+
+
+def collect_row(sub: SubRun, output: Path, test: dict[str, Any], zero_shot: dict[str, Any]) -> dict[str, Any]:
+    """One row of compare.json: the sub-run's promises in figures."""
+    folder = output / "runs" / sub.name
+    summary = read_summary(folder) or {}
+    train, validation = _validation(folder)
+    tail = train[-max(1, len(train) // 10) :]
+    metric = summary.get("main_metric", "loss")
+    best_row = None
+    if validation:
+        pick = max if metric not in ("loss", "perplexity") else min
+        best_row = pick(validation, key=lambda r: r[metric])
+    final_train = sum(r["loss"] for r in tail) / len(tail) if tail else None
+    final_validation = validation[-1]["loss"] if validation else None
+    return {
+        "method": sub.method,
+        "size": sub.size,
+        "seed": sub.seed,
+        "lr": summary.get("options", {}).get("lr"),
+        "run": str(folder),
+        "trainable_params": summary.get("trainable_params"),
+        "trainable_percent": summary.get("trainable_percent"),
+        "main_metric": metric,
+        "test": test,
+        "zero_shot": zero_shot,
+        "validation_best": best_row,
+        "best_step": best_row["step"] if best_row else None,
+        "steps": summary.get("steps"),
+        "final_train_loss": final_train,
+        "final_validation_loss": final_validation,
+        "overfitting_gap": None if final_validation is None or final_train is None else final_validation - final_train,
+        "train_seconds": summary.get("train_seconds"),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "peak_memory_mib": summary.get("peak_memory_mib"),
+        "adapter_bytes": summary.get("adapter_bytes"),
+        "full_model_bytes": summary.get("full_model_bytes"),
+        "forgetting": summary.get("forgetting"),
+        "curves": {
+            "train": [[r["step"], r["loss"]] for r in train],
+            "validation": [[r["step"], r["loss"]] for r in validation],
+        },
+    }
+
+
+def collect_sweep_row(sub: SubRun, output: Path) -> dict[str, Any]:
+    summary = read_summary(output / "runs" / sub.name) or {}
+    return {
+        "method": sub.method,
+        "size": sub.size,
+        "seed": sub.seed,
+        "lr": sub.lr,
+        "validation": summary.get("best_validation"),
+    }
