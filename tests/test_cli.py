@@ -22,6 +22,7 @@ from tiny_assets import (
     check_ok,
     classification_rows,
     invoke,
+    label_losses_alone,
     read_jsonl,
     run_deltatune,
     session_assets,
@@ -553,12 +554,7 @@ def test_label_generation_loss_and_gradients_match_one_example_at_a_time(assets)
 
     loss = task.loss_sum(model, task.collate(examples))
     grads = torch.autograd.grad(loss, list(params.values()))
-    by_hand = sum(
-        F.cross_entropy(
-            model(input_ids=torch.tensor([e.input_ids])).logits[0, -1], torch.tensor(task.answer_ids[e.target])
-        )
-        for e in examples
-    )
+    by_hand = label_losses_alone(model, task, examples)
     hand_grads = torch.autograd.grad(by_hand, list(params.values()))
     torch.testing.assert_close(loss.detach(), by_hand.detach(), atol=1e-4, rtol=1e-5)
     for name, got, want in zip(params, grads, hand_grads):

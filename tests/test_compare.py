@@ -212,3 +212,20 @@ def test_the_html_report_opens_in_a_headless_browser_with_its_plots(compared, tm
     with Image.open(shot) as image:  # the plots drew: many colours, not a blank page with broken images
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 50
+
+
+@pytest.mark.slow
+def test_a_small_real_compare_on_the_embedded_model(tmp_path):
+    """LoRA and prompt tuning on the embedded SmolLM2 and Rotten Tomatoes, a few steps each."""
+    output = tmp_path / "real"
+    args = ["compare", "--methods", "lora,prompt", "--data-sizes", "32", "--max-steps", "3", "--batch-size", "4"]
+    args += ["--max-eval", "16", "--max-test", "48", "--no-forgetting", "--output", str(output)]
+    check_ok(invoke(*args))
+    result = json.loads((output / "compare.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"lora", "prompt"} and result["zero_shot"]["examples"] == 48
+    assert result["zero_shot"]["model"] == "smollm2-135m-instruct" and result["zero_shot"]["labels"] == ["0", "1"]
+    for row in rows.values():
+        assert row["test"]["examples"] == 48 and row["steps"] == 3 and row["tokens_per_s"] > 0
+    assert rows["prompt"]["trainable_params"] < rows["lora"]["trainable_params"]
+    assert "lora" in (output / "report.md").read_text()

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import deltatune as dt
 from deltatune.cli import METHODS
 from deltatune.registry import trainable_methods, training_defaults
 from deltatune.tasks import LabelGeneration, LabelSpace
-from tiny_assets import check_ok, classification_rows, invoke, session_assets, train_args
+from tiny_assets import check_ok, classification_rows, invoke, label_losses_alone, session_assets, train_args
 
 INPUT_METHODS = {
     "prompt": lambda: dt.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="RANDOM"),
@@ -130,12 +129,7 @@ def test_shared_prefix_behind_virtual_tokens_equals_one_example_at_a_time(assets
         del model.forward
     assert calls[0] == (1, len(task.shared_prefix))  # the prefix ran once, for the whole batch
     grads = torch.autograd.grad(loss, list(params.values()))
-    by_hand = sum(
-        F.cross_entropy(
-            model(input_ids=torch.tensor([e.input_ids])).logits[0, -1], torch.tensor(task.answer_ids[e.target])
-        )
-        for e in examples
-    )
+    by_hand = label_losses_alone(model, task, examples)
     hand_grads = torch.autograd.grad(by_hand, list(params.values()))
     torch.testing.assert_close(loss.detach(), by_hand.detach(), atol=1e-4, rtol=1e-5)
     for name, got, want in zip(params, grads, hand_grads):

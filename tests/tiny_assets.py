@@ -243,3 +243,15 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def label_losses_alone(model: Any, task: Any, examples: list[Any]) -> torch.Tensor:
+    """The label-generation loss summed over ``examples``, each run alone (no padding, no shared prefix)."""
+    import torch.nn.functional as F
+
+    return sum(
+        F.cross_entropy(
+            model(input_ids=torch.tensor([e.input_ids])).logits[0, -1], torch.tensor(task.answer_ids[e.target])
+        )
+        for e in examples
+    )

@@ -171,8 +171,10 @@ def task_spec(kind: str, records: list[dict[str, Any]], options: dict[str, Any],
     if kind not in ("label-generation", "seq-cls"):
         return spec
     spec.labels = LabelSpace.from_records(records, spec.label_column).names
+    builtin = datasets.BUILTIN_DATASETS.get(options.get("data", ""))
+    if kind == "seq-cls" and builtin is not None and builtin.label_words:
+        spec.label_words = list(builtin.label_words)  # a classifier does not answer them; they name the labels
     if kind == "label-generation":
-        builtin = datasets.BUILTIN_DATASETS.get(options.get("data", ""))
         words = parse_label_words(options.get("label_words"), spec.labels)
         if words is None and builtin is not None and builtin.label_words:
             words = list(builtin.label_words)
@@ -191,7 +193,7 @@ def task_words(spec: TaskSpec, records: list[dict[str, Any]]) -> str:
         instruction = " ".join((spec.instruction or "").replace("{text}", " ").split())
         return f"{' '.join(spec.label_words or spec.labels or [])} {instruction}".strip()  # labels first: kept
     if spec.kind == "seq-cls":
-        return " ".join(spec.labels or [])
+        return " ".join(spec.label_words or spec.labels or [])
     column = spec.prompt_column if spec.prompt_column and spec.prompt_column in records[0] else spec.response_column
     return str(records[0][column])
 
@@ -471,7 +473,10 @@ def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: 
         trained = get_peft_model(model, config)
         if config.is_prompt_learning and (options.get("virtual_init") == "task" or options.get("prompt_init_text")):
             text = options.get("prompt_init_text") or task_words(spec, train_records)
-            trained.start_virtual_tokens_from(tokenizer(text, add_special_tokens=False)["input_ids"])
+            try:
+                trained.start_virtual_tokens_from(tokenizer(text, add_special_tokens=False)["input_ids"])
+            except ValueError as err:  # e.g. an encoder without a key/value cache, for a prefix
+                logger.warning("virtual tokens start at random: %s", err)
     trainable, total = _count(trained)
     say(
         f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "

@@ -139,7 +139,9 @@ class PrefixEncoder(InputAdapter):
         model.eval()  # the activations without dropout
         out = model(input_ids=tokens, use_cache=True)
         model.train(was_training)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        cache = out.get("cache", out.get("past_key_values"))
+        if cache is None or not hasattr(cache, "layers"):
+            raise ValueError(f"{type(model).__name__} returns no key/value cache to start a prefix from")
         layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(c.num_layers)]
         per_layer = torch.stack([t[0] for pair in layers for t in pair])  # (layers * 2, heads, n, head_dim)
         target = per_layer.permute(2, 0, 1, 3).reshape(c.num_virtual_tokens, -1).float()
