@@ -97,6 +97,34 @@ def test_a_second_compare_repeats_nothing_and_other_options_are_refused(assets, 
     assert result.exit_code != 0 and "other options" in result.output
 
 
+def test_a_sub_run_killed_mid_training_resumes_from_its_checkpoint(assets, tmp_path):
+    output = tmp_path / "mid"
+    args = compare_args(assets, output, "--methods", "lora", "--data-sizes", "all", "--max-steps", "60")
+    args += ["--save-every", "5"]
+    child = subprocess.Popen(deltatune_command(*args), env=subprocess_env(), cwd=ROOT, start_new_session=True)
+    run = output / "runs" / "lora-nall-s0"
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoint-10").is_dir():
+        assert child.poll() is None and time.monotonic() < deadline, "compare ended before a checkpoint"
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    check_ok(invoke(*args))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s, line in zip(steps, (run / "metrics.jsonl").read_text().splitlines()) if "split" not in line]
+    assert train_steps == list(range(1, 61))  # resumed: each step once
+    assert "resume" in json.loads((output / "configs" / "lora-nall-s0.yaml").read_text())
+
+
+def test_seeds_end_to_end(assets, tmp_path):
+    output = tmp_path / "seeds"
+    check_ok(invoke(*compare_args(assets, output, "--methods", "lora", "--data-sizes", "all", "--seeds", "0,1,1")))
+    rows = json.loads((output / "compare.json").read_text())["rows"]
+    assert sorted(r["seed"] for r in rows) == [0, 1]
+    assert " ± " in (output / "report.md").read_text()
+
+
 def test_compare_resumes_after_a_kill_without_repeating_finished_sub_runs(assets, tmp_path):
     output = tmp_path / "killed"
     command = deltatune_command(*compare_args(assets, output, "--methods", "lora,prompt", "--data-sizes", "all"))
@@ -117,13 +145,24 @@ def test_compare_resumes_after_a_kill_without_repeating_finished_sub_runs(assets
 
 
 def test_lr_sweep_chooses_on_validation(assets, tmp_path):
+    from tiny_assets import classification_rows, read_jsonl, write_csv
+
+    validation = write_csv(tmp_path / "validation.csv", classification_rows(12, seed=21))  # not the test file
     output = tmp_path / "sweep"
-    check_ok(invoke(*compare_args(assets, output, "--methods", "lora", "--data-sizes", "all", "--lr-sweep")))
+    args = compare_args(assets, output, "--methods", "lora", "--data-sizes", "all", "--lr-sweep")
+    args[args.index("--eval-data") + 1] = str(validation)
+    args += ["--metric-for-best", "loss", "--max-steps", "3"]
+    check_ok(invoke(*args))
     result = json.loads((output / "compare.json").read_text())
     swept = result["swept"]
     assert sorted(r["lr"] for r in swept) == pytest.approx([5e-4 / 3, 5e-4, 1.5e-3])
-    best = max(swept, key=lambda r: r["validation"])
-    assert result["rows"][0]["lr"] == pytest.approx(best["lr"])
+    final = {}  # the final validation loss of each rate, read from the sub-runs' own logs
+    for entry in swept:
+        rows = read_jsonl(output / "runs" / f"lora-nall-s0-lr{entry['lr']:g}" / "metrics.jsonl")
+        final[entry["lr"]] = [r for r in rows if r.get("split") == "validation"][-1]["loss"]
+        assert final[entry["lr"]] == entry["validation"]
+    assert result["rows"][0]["lr"] == pytest.approx(min(final, key=final.get))
+    assert result["rows"][0]["validation_after"]["examples"] == 12 and result["zero_shot_validation"]["examples"] == 12
 
 
 def test_lr_sweep_without_validation_data_is_refused(assets, tmp_path):
@@ -171,7 +210,7 @@ def test_verdicts_are_computed_from_the_rows():
         "lora reached 99 % of full fine-tuning's accuracy (0.891 vs 0.900) with 3.50 % of the parameters "
         "in 0.35 of the time" in found["quality"]
     )
-    assert found["quality"].endswith("Within 1 point of full fine-tuning: lora.")
+    assert found["quality"].endswith("Within 1 point of full fine-tuning (or better): lora.")
     assert "lora 0.35x, prompt 1.20x. Holds for lora." in found["faster training"]
     assert "Holds for lora, prompt." in found["lower memory"]
     assert "lora 3.50 %" in found["compact checkpoints"]

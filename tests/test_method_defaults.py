@@ -64,6 +64,12 @@ def test_help_shows_each_methods_default():
     for name in METHODS:
         assert name in lr_line
     assert "prompt: 0.03" in lr_line and "full: 3e-05" in lr_line
+    entries = [" ".join(chunk.split()) for chunk in text.split("\n  --")[1:]]
+    lines = {"--" + entry.split()[0]: entry for entry in entries}
+    assert "prefix/prompt/ptuning: 20" in lines["--virtual-tokens"] and "lora" not in lines["--virtual-tokens"]
+    assert "prefix/prompt/ptuning: task" in lines["--virtual-init"]
+    assert "prefix: True" in lines["--prefix-projection"] and "ia3: none" in lines["--targets"]
+    assert "adapter: 16" in lines["--reduction-factor"] and "ptuning: 128" in lines["--encoder-hidden-size"]
 
 
 # -- starting from real tokens ------------------------------------------------------------------

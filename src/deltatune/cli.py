@@ -439,7 +439,11 @@ def _compare(**options: Any) -> None:
 
     given = given_options()
     step_budget(options, given)
-    result = run_compare(options, given)
+    try:
+        result = run_compare(options, given)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: run the same command again to continue (finished sub-runs are kept)", err=True)
+        sys.exit(130)
     click.echo(f"{len(result['rows'])} rows; report: {Path(options['output']) / 'report.html'}")
 
 
@@ -451,7 +455,7 @@ compare = click.Command(
     + [
         click.Option(
             ["--methods"],
-            default="full,lora,dora,ia3,adapter,prefix,prompt",
+            default="full,lora,dora,ia3,adapter,prefix,prompt,ptuning",
             help="Methods to compare, comma-separated.",
         ),
         click.Option(["--data-sizes"], default="all", help="Training-set sizes, nested subsets, e.g. 32,128,512,all."),

@@ -66,14 +66,19 @@ def parse_sizes(text: str) -> list[int]:
             sizes.append(int(part))
         else:
             raise ValueError(f"--data-sizes {text!r}: {part!r} is neither a positive number nor 'all'")
+    if not sizes:
+        raise ValueError("--data-sizes names no size; give e.g. all or 32,128,all")
     return sorted(set(sizes), key=lambda n: n or float("inf"))
 
 
 def parse_seeds(text: str) -> list[int]:
     try:
-        return [int(p) for p in text.split(",") if p.strip()]
+        seeds = list(dict.fromkeys(int(p) for p in text.split(",") if p.strip()))
     except ValueError:
         raise ValueError(f"--seeds {text!r}: expected whole numbers such as 0,1,2") from None
+    if not seeds:
+        raise ValueError("--seeds names no seed; give e.g. 0 or 0,1,2")
+    return seeds
 
 
 def parse_methods(text: str) -> list[str]:
@@ -126,10 +131,14 @@ def run_compare(options: dict[str, Any], given: Collection[str]) -> dict[str, An
             runner.train(sub)
     chosen = choose_runs(plan, output) if options["lr_sweep"] else plan
     zero_shot = runner.evaluate(chosen[0], without_adapter=True)  # the base model: any sub-run's task
-    rows = [collect_row(sub, output, runner.evaluate(sub), zero_shot) for sub in chosen]
+    zero_shot_validation = (
+        runner.evaluate(chosen[0], without_adapter=True, split="validation") if has_validation else None
+    )
+    rows = [collect_row(sub, output, runner.evaluate(sub), zero_shot, zero_shot_validation) for sub in chosen]
     result = {
         "command": {k: v for k, v in options.items() if k in given or k in COMPARE_ONLY},
         "zero_shot": zero_shot,
+        "zero_shot_validation": zero_shot_validation,
         "rows": rows,
         "swept": [collect_sweep_row(sub, output) for sub in plan] if options["lr_sweep"] else [],
     }
@@ -146,8 +155,10 @@ COMPARE_ONLY = {"methods", "data_sizes", "seeds", "lr_sweep"}
 def _check_same_compare(output: Path, options: dict[str, Any], given: Collection[str]) -> None:
     """A compare folder is continued only by the same command: other options would mix two experiments."""
     record = output / "compare_command.json"
-    command = json.loads(json.dumps({k: options[k] for k in sorted(given) if k not in COMPARE_ONLY}, default=str))
-    if record.is_file():
+    kept = {k: options[k] for k in sorted(given) if k not in COMPARE_ONLY and k != "output"}
+    command = json.loads(json.dumps(kept, default=str))
+    finished = any((read_summary(f) or {}).get("status") == "finished" for f in (output / "runs").glob("*"))
+    if record.is_file() and finished:  # before any sub-run finished, a corrected command may start over
         before = json.loads(record.read_text())
         if before != command:
             changed = sorted(set(before) ^ set(command) | {k for k in before if before.get(k) != command.get(k)})
@@ -214,16 +225,22 @@ class _Runner:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{sub.name}.{suffix}"
 
-    def evaluate(self, sub: SubRun, without_adapter: bool = False) -> dict[str, Any]:
-        """Test metrics of a sub-run (kept in its folder), or of the base model with its task."""
+    def evaluate(self, sub: SubRun, without_adapter: bool = False, split: str = "test") -> dict[str, Any]:
+        """Metrics of a sub-run on the test split (kept beside it), or of the base model with its task."""
         folder = self.folder(sub)
-        stem = "zero_shot" if without_adapter else "test"
+        stem = ("zero_shot" if without_adapter else "after") + f"_{split}"
         cached = self.side("evals", sub, f"{stem}.json")
         if cached.is_file():
             return json.loads(cached.read_text())
         command = [sys.executable, "-m", "deltatune", "eval", "--adapter", str(folder)]
         if without_adapter:
             command.append("--without-adapter")
+        if split == "validation":
+            run_options = (read_summary(folder) or {}).get("options", {})
+            eval_file = run_options.get("eval_data")
+            command += ["--data", eval_file] if eval_file else ["--split", "validation"]
+            if run_options.get("max_eval"):
+                command += ["--max-examples", str(run_options["max_eval"])]
         self.progress.update(self.task, info=f"evaluating {sub.name}{' (zero-shot)' if without_adapter else ''}")
         out = self.side("logs", sub, f"{stem}.out")
         self._run(command, out, self.side("logs", sub, f"{stem}.log"), sub.name, None)
@@ -236,16 +253,28 @@ class _Runner:
     def _run(self, command: list[str], stdout: Path, log: Path, name: str, metrics: Path | None) -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
         with open(stdout, "w", encoding="utf-8") as out, open(log, "a", encoding="utf-8") as err:
-            child = subprocess.Popen(command, stdout=out, stderr=out if stdout == log else err, env=env)
+            # its own session: a Ctrl-C reaches it once, from here; and it dies with this process
+            child = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=out if stdout == log else err,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             try:
                 while child.poll() is None:
                     if metrics is not None:
                         self.progress.update(self.task, info=f"{name}: {_last_step(metrics)}")
                     time.sleep(0.5)
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)  # the child saves a checkpoint; the next compare resumes it
-                child.wait()
-                raise
+            finally:
+                if child.poll() is None:  # interrupted: the child saves a checkpoint; the next compare resumes it
+                    child.send_signal(signal.SIGINT)
+                    try:
+                        child.wait(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
         if child.returncode != 0:
             texts = {stdout.read_text(errors="replace"), log.read_text(errors="replace")}
             lines = "".join(texts).strip().splitlines()
@@ -256,13 +285,26 @@ class _Runner:
         self.progress.update(self.task, completed=self.done, info=info)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel ends it if the compare process dies (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _last_step(metrics: Path) -> str:
     try:
         lines = metrics.read_text().splitlines()
     except OSError:
         return "starting"
     for line in reversed(lines):
-        row = json.loads(line) if line.strip() else {}
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:  # a line being written
+            continue
         if "split" not in row and "loss" in row:
             return f"step {row['step']}, loss {row['loss']:.4f}"
     return "loading"
@@ -274,23 +316,40 @@ def _validation(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return [r for r in rows if "split" not in r], [r for r in rows if r.get("split") == "validation"]
 
 
+def final_validation(output: Path, sub: SubRun) -> float | None:
+    """The validation metric of a sub-run's final weights (the ones its test row measures)."""
+    folder = output / "runs" / sub.name
+    summary = read_summary(folder) or {}
+    metric = summary.get("metric_for_best") or summary.get("main_metric", "loss")
+    _, validation = _validation(folder)
+    return validation[-1].get(metric) if validation else None
+
+
 def choose_runs(plan: list[SubRun], output: Path) -> list[SubRun]:
-    """Per (method, size, seed), the learning rate with the best validation metric."""
+    """Per (method, size, seed), the learning rate whose final weights score best on validation."""
     best: dict[tuple[str, int, int], tuple[float, SubRun]] = {}
     for sub in plan:
-        summary = read_summary(output / "runs" / sub.name) or {}
-        value = summary.get("best_validation")
+        value = final_validation(output, sub)
         if value is None:
             continue
-        higher = summary.get("metric_for_best") not in ("loss", "perplexity")
-        score = value if higher else -value
+        metric = (read_summary(output / "runs" / sub.name) or {}).get("metric_for_best", "loss")
+        score = -value if metric in ("loss", "perplexity") else value
         key = (sub.method, sub.size, sub.seed)
         if key not in best or score > best[key][0]:
             best[key] = (score, sub)
+    missing = {(s.method, s.size, s.seed) for s in plan} - set(best)
+    if missing:
+        raise ValueError(f"--lr-sweep: no validation result for {sorted(missing)}; see the sub-runs' logs")
     return [sub for _, sub in best.values()]
 
 
-def collect_row(sub: SubRun, output: Path, test: dict[str, Any], zero_shot: dict[str, Any]) -> dict[str, Any]:
+def collect_row(
+    sub: SubRun,
+    output: Path,
+    test: dict[str, Any],
+    zero_shot: dict[str, Any],
+    zero_shot_validation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One row of compare.json: the sub-run's promises in figures."""
     folder = output / "runs" / sub.name
     summary = read_summary(folder) or {}
@@ -302,7 +361,7 @@ def collect_row(sub: SubRun, output: Path, test: dict[str, Any], zero_shot: dict
         pick = max if metric not in ("loss", "perplexity") else min
         best_row = pick(validation, key=lambda r: r[metric])
     final_train = sum(r["loss"] for r in tail) / len(tail) if tail else None
-    final_validation = validation[-1]["loss"] if validation else None
+    last_validation_loss = validation[-1]["loss"] if validation else None
     return {
         "method": sub.method,
         "size": sub.size,
@@ -314,12 +373,16 @@ def collect_row(sub: SubRun, output: Path, test: dict[str, Any], zero_shot: dict
         "main_metric": metric,
         "test": test,
         "zero_shot": zero_shot,
+        "validation_before": zero_shot_validation,
+        "validation_after": validation[-1] if validation else None,
         "validation_best": best_row,
         "best_step": best_row["step"] if best_row else None,
         "steps": summary.get("steps"),
         "final_train_loss": final_train,
-        "final_validation_loss": final_validation,
-        "overfitting_gap": None if final_validation is None or final_train is None else final_validation - final_train,
+        "final_validation_loss": last_validation_loss,
+        "overfitting_gap": None
+        if last_validation_loss is None or final_train is None
+        else last_validation_loss - final_train,
         "train_seconds": summary.get("train_seconds"),
         "tokens_per_s": summary.get("tokens_per_s"),
         "peak_memory_mib": summary.get("peak_memory_mib"),
@@ -340,5 +403,6 @@ def collect_sweep_row(sub: SubRun, output: Path) -> dict[str, Any]:
         "size": sub.size,
         "seed": sub.seed,
         "lr": sub.lr,
-        "validation": summary.get("best_validation"),
+        "validation": final_validation(output, sub),
+        "metric": summary.get("metric_for_best"),
     }

@@ -91,17 +91,27 @@ def verdicts(entries: list[dict[str, Any]]) -> list[dict[str, str]]:
         for e in peft:
             share = _ratio(e["metric"], full["metric"])
             time_ratio = _ratio(e["train_seconds"], full["train_seconds"])
+            spread = f" ± {e['spread']:.3f}" if e["seeds"] > 1 else ""
+            if higher and share is not None:
+                head = f"{e['method']} reached {100 * share:.0f} % of full fine-tuning's {metric}"
+            else:  # a loss: lower is better, and a share of it says nothing
+                head = f"{e['method']}'s {metric} against full fine-tuning's"
             parts.append(
-                f"{e['method']} reached {100 * share:.0f} % of full fine-tuning's {metric} ({e['metric']:.3f} vs "
-                f"{full['metric']:.3f}) with {e['trainable_percent']:.2f} % of the parameters"
-                + (f" in {time_ratio:.2f} of the time" if time_ratio is not None else "")
+                f"{head} ({e['metric']:.3f}{spread} vs {full['metric']:.3f}) with {e['trainable_percent']:.2f} % "
+                "of the parameters" + (f" in {time_ratio:.2f} of the time" if time_ratio is not None else "")
             )
-        close = [e["method"] for e in peft if abs(e["metric"] - full["metric"]) <= 0.01]
+        tolerance = 0.01 if higher else 0.02 * abs(full["metric"])  # 1 point of a rate, 2 % of a loss
+        close = [
+            e["method"]
+            for e in peft
+            if (full["metric"] - e["metric"] if higher else e["metric"] - full["metric"]) <= tolerance
+        ]
         found.append(
             {
                 "promise": "quality",
                 "verdict": "; ".join(parts)
-                + ". Within 1 point of full fine-tuning: "
+                + (". Within 1 point of full fine-tuning" if higher else ". Within 2 % of full fine-tuning's loss")
+                + " (or better): "
                 + (", ".join(close) or "none")
                 + ".",
             }

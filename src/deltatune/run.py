@@ -186,6 +186,22 @@ def task_spec(kind: str, records: list[dict[str, Any]], options: dict[str, Any],
     return spec
 
 
+def start_virtual_tokens(model: PeftModel, options: dict[str, Any], tokenizer: Any, words: str) -> None:
+    """``--virtual-init``: task (the task's words, or --prompt-init-text), vocab (sampled vocabulary
+    tokens), random (the method's own random start: prompt tuning's table, P-tuning's encoder)."""
+    init = "task" if options.get("prompt_init_text") else options.get("virtual_init")
+    if init == "task":
+        ids = tokenizer(options.get("prompt_init_text") or words, add_special_tokens=False)["input_ids"]
+    elif init == "vocab" and options["method"] != "prompt":  # prompt tuning samples in its config
+        ids = torch.randint(0, len(tokenizer), (options["virtual_tokens"],)).tolist()
+    else:
+        return
+    try:
+        model.start_virtual_tokens_from(ids)
+    except ValueError as err:  # e.g. an encoder without a key/value cache, for a prefix
+        logger.warning("virtual tokens start at random: %s", err)
+
+
 def task_words(spec: TaskSpec, records: list[dict[str, Any]]) -> str:
     """The task in the task's own words, where virtual tokens start: the instruction and the label
     words for label generation, the label names for a classifier, else the first training prompt."""
@@ -471,12 +487,8 @@ def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: 
         check_targets(model, options)
         config.base_model_name_or_path = spec.base_model
         trained = get_peft_model(model, config)
-        if config.is_prompt_learning and (options.get("virtual_init") == "task" or options.get("prompt_init_text")):
-            text = options.get("prompt_init_text") or task_words(spec, train_records)
-            try:
-                trained.start_virtual_tokens_from(tokenizer(text, add_special_tokens=False)["input_ids"])
-            except ValueError as err:  # e.g. an encoder without a key/value cache, for a prefix
-                logger.warning("virtual tokens start at random: %s", err)
+        if config.is_prompt_learning:
+            start_virtual_tokens(trained, options, tokenizer, task_words(spec, train_records))
     trainable, total = _count(trained)
     say(
         f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "

@@ -421,6 +421,8 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
         self.step, self.best = state["step"], state["best"]
+        if self.dist.main:
+            _forget_steps_after(self.args.output / "metrics.jsonl", self.step)
         self.evaluations_without_gain = state.get("evaluations_without_gain", 0)
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
         return True
@@ -492,6 +494,20 @@ def load_trained(model: nn.Module, directory: Path) -> None:
             model._load_weights(folder, name, allow_pickle=False)
         return
     model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+
+
+def _forget_steps_after(metrics: Path, step: int) -> None:
+    """Drop the log lines of steps after a checkpoint: a resumed run logs them again, once."""
+    if not metrics.is_file():
+        return
+    kept = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+    atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
 
 
 def _higher(metric: str) -> bool:

@@ -701,7 +701,7 @@ LORA = register_method(
 
 # `deltatune train` defaults: all linear layers at r=16, alpha=32 (Dettmers et al. 2023 find all-linear
 # LoRA matches full fine-tuning where attention-only does not); 5e-4 measured on rotten-tomatoes.
-_LORA_DEFAULTS = {"targets": "all-linear", "r": 16, "alpha": 32.0}
+_LORA_DEFAULTS = {"targets": "all-linear"}  # r=16, alpha=32: the --r/--alpha flags' own defaults
 register_training_defaults(
     "lora", TrainingDefaults(lr=5e-4, options=_LORA_DEFAULTS, source="all-linear r=16 (QLoRA paper); lr measured")
 )

@@ -269,10 +269,13 @@ class PromptEncoder(VirtualTokens):
         """The encoder's last layer is fitted so that its output starts at the tokens' embeddings."""
         vocab = model.get_input_embeddings().weight
         target = vocab[torch.tensor(virtual_ids(ids, self.total_tokens), device=vocab.device)]
+        was_training = self.training
+        self.eval()  # the features the table is computed from at evaluation (no LSTM dropout)
         start = self.embedding.weight.unsqueeze(0)
         if self.lstm_head is not None:
             start = self.lstm_head(start)[0]
         features = self.mlp_head[:-1](start)[0]
+        self.train(was_training)
         fit_output_layer(self.mlp_head[-1], features, target)
 
 
