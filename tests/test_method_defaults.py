@@ -37,7 +37,7 @@ def test_every_cli_method_has_its_defaults_in_its_module():
     assert set(trainable_methods()) == set(METHODS)
     assert training_defaults("full").lr < training_defaults("lora").lr < training_defaults("ia3").lr
     assert training_defaults("prompt").lr > training_defaults("lora").lr
-    assert training_defaults("prefix").get("prefix_projection") is True
+    assert training_defaults("prefix").get("prefix_projection") is False  # from real activations: steady as it is
     for name in ("prefix", "prompt", "ptuning"):
         assert training_defaults(name).get("virtual_init") == "task"
 
@@ -68,7 +68,7 @@ def test_help_shows_each_methods_default():
     lines = {"--" + entry.split()[0]: entry for entry in entries}
     assert "prefix/prompt/ptuning: 20" in lines["--virtual-tokens"] and "lora" not in lines["--virtual-tokens"]
     assert "prefix/prompt/ptuning: task" in lines["--virtual-init"]
-    assert "prefix: True" in lines["--prefix-projection"] and "ia3: none" in lines["--targets"]
+    assert "prefix: False" in lines["--prefix-projection"] and "ia3: none" in lines["--targets"]
     assert "adapter: 16" in lines["--reduction-factor"] and "ptuning: 128" in lines["--encoder-hidden-size"]
 
 
