@@ -620,3 +620,13 @@ def test_eval_predictions_of_a_chat_adapter_is_a_clear_error(assets, tmp_path):
     assert metrics["task"] == "causal-lm" and metrics["loss"] > 0
     message = failure(invoke("eval", "--adapter", out, "--data", assets.chat_jsonl, "--predictions", tmp_path / "p"))
     assert "--predictions applies to classification" in message
+
+
+def test_files_written_atomically_get_an_ordinary_files_mode(llama_run):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "summary.json"):
+        assert stat.S_IMODE((llama_run / name).stat().st_mode) == 0o666 & ~umask, name

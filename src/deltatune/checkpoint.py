@@ -37,10 +37,25 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file cannot be read at all (truncated, not safetensors, not a tensor dict)."""
 
 
+def _file_mode() -> int:
+    """The mode an ordinary new file gets under the process's umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path`` with an ordinary file's mode (``mkstemp`` makes it 0600, so
+    renamed into place it would be unreadable to everyone but its owner)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _file_mode())
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -56,12 +71,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> N
     """Write a safetensors file atomically, with PEFT's ``{"format": "pt"}`` metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     os.close(fd)
     try:
         # safetensors refuses shared or strided storage: give each tensor its own contiguous copy.
         plain = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
         save_file(plain, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, _file_mode())  # safetensors writes the file anew
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
