@@ -19,10 +19,11 @@ from deltatune.peft_model import PeftModel
 from deltatune.tasks import CausalLM, LabelGeneration, LabelSpace
 from tiny_assets import (
     adapter_tensors,
+    assert_label_loss_as_alone,
     check_ok,
     classification_rows,
+    eval_json,
     invoke,
-    label_losses_alone,
     read_jsonl,
     run_deltatune,
     session_assets,
@@ -51,11 +52,6 @@ def probe_inputs(assets) -> dict[str, torch.Tensor]:
 def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
-
-
-def eval_json(result) -> dict:
-    check_ok(result)
-    return json.loads(result.stdout[result.stdout.index("{") :])
 
 
 def assert_same_metrics(got: dict, want: dict) -> None:
@@ -550,15 +546,7 @@ def test_label_generation_loss_and_gradients_match_one_example_at_a_time(assets)
     torch.manual_seed(0)
     config = dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     model = dt.get_peft_model(fresh_llama(assets), config)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    loss = task.loss_sum(model, task.collate(examples))
-    grads = torch.autograd.grad(loss, list(params.values()))
-    by_hand = label_losses_alone(model, task, examples)
-    hand_grads = torch.autograd.grad(by_hand, list(params.values()))
-    torch.testing.assert_close(loss.detach(), by_hand.detach(), atol=1e-4, rtol=1e-5)
-    for name, got, want in zip(params, grads, hand_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
+    assert_label_loss_as_alone(model, task, examples, task.loss_sum(model, task.collate(examples)))
     with torch.no_grad():
         predictions = task.predict(model, task.collate(examples))
         alone = [

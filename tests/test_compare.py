@@ -80,13 +80,10 @@ def test_compare_writes_a_row_per_method_and_size_and_the_reports(compared):
     assert "## Verdicts" in (compared / "report.md").read_text()
 
 
-def test_data_sizes_are_nested_prefixes_of_the_training_set(assets):
-    from deltatune.run import _limit, load_split
-
+def test_data_sizes_are_sorted_and_deduplicated():
     assert parse_sizes("128,32,all,32") == [32, 128, 0]
-    options = {"data": str(assets.cls_csv), "on_bad_row": "error"}
-    records, _ = load_split(options, "train", None)
-    assert _limit(records, 16) == _limit(records, 32)[:16] == records[:16]
+    with pytest.raises(ValueError, match="neither a positive number"):
+        parse_sizes("32,-1")
 
 
 def test_a_second_compare_repeats_nothing_and_other_options_are_refused(assets, compared):

@@ -21,6 +21,7 @@ from tiny_assets import (
     adapter_tensors,
     check_ok,
     classification_rows,
+    eval_json,
     invoke,
     read_jsonl,
     session_assets,
@@ -33,11 +34,6 @@ from tiny_assets import (
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     return session_assets(tmp_path_factory)
-
-
-def eval_json(result) -> dict:
-    check_ok(result)
-    return json.loads(result.stdout[result.stdout.index("{") :])
 
 
 def failure(result) -> str:
@@ -352,28 +348,26 @@ def test_generate_refuses_prompt_and_prompts_together(assets, llama_run, tmp_pat
     assert "not both" in failure(invoke("generate", "--adapter", llama_run, "--prompt", "x", "--prompts", prompts))
 
 
-def test_train_takes_label_words_instruction_and_system(assets, tmp_path):
+def train_on_numeric_labels(assets, tmp_path: Path, *extra: str) -> TaskSpec:
+    """A one-step run on labels 0/1; the task spec it saved."""
     rows = [{**r, "label": "1" if r["label"] == "pos" else "0"} for r in classification_rows(32, seed=4)]
     data = write_csv(tmp_path / "numeric.csv", rows)
-    out = tmp_path / "words"
-    args = train_args(assets, out, "--max-steps", "1", "--no-test")
+    args = train_args(assets, tmp_path / "run", "--max-steps", "1", "--no-test")
     args[args.index(str(assets.cls_csv))] = str(data)
-    extra = ["--label-words", "1=good,0=bad", "--instruction", "Is this good or bad?\n{text}", "--system", "Be brief."]
     check_ok(invoke(*args, *extra))
-    spec = TaskSpec.load(out / "adapter")
+    return TaskSpec.load(tmp_path / "run" / "adapter")
+
+
+def test_train_takes_label_words_instruction_and_system(assets, tmp_path):
+    extra = ["--label-words", "1=good,0=bad", "--instruction", "Is this good or bad?\n{text}", "--system", "Be brief."]
+    spec = train_on_numeric_labels(assets, tmp_path, *extra)
     assert spec.labels == ["0", "1"] and spec.label_words == ["bad", "good"] and spec.system == "Be brief."
     prompt = make_task(spec, AutoTokenizer.from_pretrained(assets.llama)).prompt("Nice.")
     assert "Be brief." in prompt and "Is this good or bad?\nNice." in prompt
 
 
 def test_numeric_labels_without_words_are_answered_as_numbers(assets, tmp_path):
-    rows = [{**r, "label": "1" if r["label"] == "pos" else "0"} for r in classification_rows(32, seed=4)]
-    data = write_csv(tmp_path / "numeric.csv", rows)
-    out = tmp_path / "digits"
-    args = train_args(assets, out, "--max-steps", "1", "--no-test")
-    args[args.index(str(assets.cls_csv))] = str(data)
-    check_ok(invoke(*args))
-    spec = TaskSpec.load(out / "adapter")
+    spec = train_on_numeric_labels(assets, tmp_path)
     assert spec.label_words == ["0", "1"] and "Answer with the number only." in spec.instruction
 
 

@@ -245,13 +245,26 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def label_losses_alone(model: Any, task: Any, examples: list[Any]) -> torch.Tensor:
-    """The label-generation loss summed over ``examples``, each run alone (no padding, no shared prefix)."""
+def assert_label_loss_as_alone(model: Any, task: Any, examples: list[Any], loss: torch.Tensor) -> None:
+    """``loss`` (a batch's label-generation loss) and its gradients equal those of each example run
+    alone (no padding, no shared prefix)."""
     import torch.nn.functional as F
 
-    return sum(
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, list(params.values()))
+    alone = sum(
         F.cross_entropy(
             model(input_ids=torch.tensor([e.input_ids])).logits[0, -1], torch.tensor(task.answer_ids[e.target])
         )
         for e in examples
     )
+    alone_grads = torch.autograd.grad(alone, list(params.values()))
+    torch.testing.assert_close(loss.detach(), alone.detach(), atol=1e-4, rtol=1e-5)
+    for name, got, want in zip(params, grads, alone_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def eval_json(result: Any) -> dict[str, Any]:
+    """The JSON a successful ``deltatune eval`` printed."""
+    check_ok(result)
+    return json.loads(result.stdout[result.stdout.index("{") :])
