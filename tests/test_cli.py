@@ -105,7 +105,7 @@ def test_train_help_shows_every_option_with_its_default():
             assert "[default: " in lines[name], f"{name} shows no default: {lines[name]!r}"
     assert "lora/dora: 0.0005" in lines["--lr"] and "x>0" in lines["--lr"]
     assert "[default: 16; x>=1]" in lines["--r"] and lines["--r"] is lines["--rank"]
-    assert "[default: 70; x>=0]" in lines["--max-steps"]
+    assert "[default: (70; seq-cls: 200); x>=0]" in lines["--max-steps"]
     assert "[default: runs/default]" in lines["--output"]
     assert "[default: lora]" in lines["--method"]
     assert "[" + "|".join(METHODS) + "]" in lines["--method"]
@@ -220,6 +220,16 @@ def trained_run(assets, tmp_path_factory):
     args = train_args(assets, out, "--max-steps", "4", "--batch-size", "8", "--eval-every", "2", "--forgetting")
     result = check_ok(invoke(*args, "--eval-data", assets.cls_eval_csv, "--test-data", assets.cls_eval_csv))
     return out, result
+
+
+def test_eval_every_below_one_is_a_fraction_of_the_steps(assets, tmp_path):
+    out = tmp_path / "fraction"
+    args = train_args(assets, out, "--max-steps", "8", "--eval-every", "0.25", "--no-test", "--max-eval", "4")
+    check_ok(invoke(*args, "--eval-data", assets.cls_eval_csv))
+    evals = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r.get("split") == "validation"]
+    assert evals == [2, 4, 6, 8]
+    result = invoke(*train_args(assets, tmp_path / "odd", "--eval-every", "1.5", "--eval-data", assets.cls_eval_csv))
+    assert result.exit_code != 0 and "eval_every is a number of steps or a fraction below 1" in result.output
 
 
 def test_train_writes_adapter_metrics_curves_summary(assets, trained_run):

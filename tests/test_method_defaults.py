@@ -72,6 +72,69 @@ def test_help_shows_each_methods_default():
     assert "adapter: 16" in lines["--reduction-factor"] and "ptuning: 128" in lines["--encoder-hidden-size"]
 
 
+# -- defaults with the task -----------------------------------------------------------------------
+RUN_DEFAULTS = {"batch_size": 8, "max_steps": 70}  # the command line's own
+
+
+def test_a_task_sets_its_budget_for_every_method_and_a_flag_still_wins():
+    from deltatune.run import with_method_defaults
+    from deltatune.tasks import task_training_defaults
+
+    budget = task_training_defaults("seq-cls")
+    assert budget["batch_size"] > RUN_DEFAULTS["batch_size"] and budget["max_steps"] > RUN_DEFAULTS["max_steps"]
+    for method in METHODS:
+        resolved = with_method_defaults({"method": method, **RUN_DEFAULTS}, (), "seq-cls")
+        assert (resolved["batch_size"], resolved["max_steps"]) == (budget["batch_size"], budget["max_steps"])
+        generation = with_method_defaults({"method": method, **RUN_DEFAULTS}, (), "label-generation")
+        assert {k: generation[k] for k in RUN_DEFAULTS} == RUN_DEFAULTS
+        given = with_method_defaults({"method": method, "batch_size": 4, "max_steps": 70}, {"batch_size"}, "seq-cls")
+        assert (given["batch_size"], given["max_steps"]) == (4, budget["max_steps"])
+        assert with_method_defaults({"method": method, "lr": 0.07, **RUN_DEFAULTS}, {"lr"}, "seq-cls")["lr"] == 0.07
+
+
+def test_a_methods_value_for_a_task_beats_the_tasks_and_its_own():
+    from deltatune.registry import TrainingDefaults, register_training_defaults
+    from deltatune.run import with_method_defaults
+
+    register_training_defaults(
+        "probe-method", TrainingDefaults(lr=1e-3, tasks={"seq-cls": {"lr": 4e-3, "batch_size": 32}})
+    )
+    try:
+        seq_cls = with_method_defaults({"method": "probe-method", **RUN_DEFAULTS}, (), "seq-cls")
+        assert (seq_cls["lr"], seq_cls["batch_size"], seq_cls["max_steps"]) == (4e-3, 32, 200)
+        other = with_method_defaults({"method": "probe-method", **RUN_DEFAULTS}, (), "label-generation")
+        assert (other["lr"], other["batch_size"]) == (1e-3, 8)
+    finally:
+        from deltatune import registry
+
+        registry._TRAINING_DEFAULTS.pop("probe-method")
+
+
+def test_train_records_the_tasks_budget_for_a_classifier(assets, tmp_path):
+    out = tmp_path / "bert"
+    args = train_args(assets, out, "--method", "lora", "--no-test", "--max-steps", "1", model=assets.bert)
+    check_ok(invoke(*args))
+    options = json.loads((out / "summary.json").read_text())["options"]
+    assert options["batch_size"] == 16 and options["max_steps"] == 1
+    assert json.loads((out / "summary.json").read_text())["train_examples_seen"] == 16
+
+
+def test_help_shows_the_tasks_budget():
+    from click.testing import CliRunner
+
+    from deltatune.cli import main
+
+    text = CliRunner().invoke(main, ["train", "--help"], terminal_width=400, max_content_width=400).output
+    entries = [" ".join(chunk.split()) for chunk in text.split("\n  --")[1:]]
+    lines = {"--" + entry.split()[0]: entry for entry in entries}
+    assert "default: (8; seq-cls: 16)" in lines["--batch-size"]
+    assert "default: (70; seq-cls: 200)" in lines["--max-steps"]
+    for method, defaults in trainable_methods().items():
+        for task, values in defaults.tasks.items():
+            if "lr" in values:
+                assert f"{task}: {values['lr']}" in next(v for k, v in lines.items() if k == "--lr")
+
+
 # -- starting from real tokens ------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(INPUT_METHODS))
 def test_virtual_tokens_started_from_real_tokens_act_as_those_tokens(assets, method):

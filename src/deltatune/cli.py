@@ -130,8 +130,24 @@ class MethodDefault(click.Option):
             value = defaults.get(self.name, METHOD_FALLBACKS.get(self.name))
             if self.name in METHOD_OPTIONS and method not in METHOD_OPTIONS[self.name]:
                 continue
-            by_value.setdefault("none" if value is None else str(value), []).append(method)
+            text = "none" if value is None else str(value)
+            per_task = [f"{task}: {o[self.name]}" for task, o in defaults.tasks.items() if self.name in o]
+            text += f" ({', '.join(per_task)})" if per_task else ""
+            by_value.setdefault(text, []).append(method)
         self.show_default = "; ".join(f"{'/'.join(methods)}: {value}" for value, methods in by_value.items())
+        return super().get_help_extra(ctx)
+
+
+class TaskDefault(click.Option):
+    """An option whose default some task kinds set for every method (``deltatune.tasks``): its help lists them."""
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        from deltatune.tasks import TASKS
+
+        per_task = [
+            f"{kind}: {t.training_defaults[self.name]}" for kind, t in TASKS.items() if self.name in t.training_defaults
+        ]
+        self.show_default = f"{self.default}" + (f"; {', '.join(per_task)}" if per_task else "")
         return super().get_help_extra(ctx)
 
 
@@ -273,7 +289,13 @@ def eval_data_options(f: Any) -> Any:
     type=AT_LEAST_ONE,
     help="Hidden width of the prefix projection (none: the key/value width) or the P-tuning encoder.",
 )
-@click.option("--encoder-type", type=click.Choice(["MLP", "LSTM"]), default="MLP", help="P-tuning prompt encoder.")
+@click.option(
+    "--encoder-type",
+    cls=MethodDefault,
+    type=click.Choice(["MLP", "LSTM"]),
+    default=None,
+    help="P-tuning prompt encoder.",
+)
 @click.option(
     "--prompt-init-text",
     default=None,
@@ -325,17 +347,23 @@ def eval_data_options(f: Any) -> Any:
 @click.option("--epochs", default=1.0, type=POSITIVE, help="Epochs; they rule when given without --max-steps.")
 @click.option(
     "--max-steps",
+    cls=TaskDefault,
     default=70,
     type=COUNT,
     help="Optimizer steps (0: use --epochs); the default applies only when --epochs is not given.",
 )
-@click.option("--batch-size", default=8, type=AT_LEAST_ONE, help="Examples per process per micro-step.")
+@click.option(
+    "--batch-size", cls=TaskDefault, default=8, type=AT_LEAST_ONE, help="Examples per process per micro-step."
+)
 @click.option("--grad-accum", default=1, type=AT_LEAST_ONE, help="Micro-steps per optimizer step.")
 @click.option("--clip", default=1.0, type=NON_NEGATIVE, help="Gradient-norm clipping (0: off).")
 @click.option("--weight-decay", default=0.0, type=NON_NEGATIVE, help="Weight decay.")
 @click.option("--seed", default=0, help="Seed for initialisation, data order and dropout.")
 @click.option(
-    "--eval-every", default=0, type=COUNT, help="Evaluate on the validation set every N steps (0: at the end)."
+    "--eval-every",
+    default=0,
+    type=NON_NEGATIVE,
+    help="Evaluate on the validation set every N steps, or every fraction of the steps when < 1 (0: at the end).",
 )
 @click.option(
     "--metric-for-best",

@@ -92,10 +92,11 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def default_lr(method: str) -> float:
-    from deltatune.registry import training_defaults
+def default_lr(method: str, task_kind: str) -> float:
+    """The rate ``train --method`` would use on this task: the centre of the sweep."""
+    from deltatune.run import with_method_defaults
 
-    return training_defaults(method).lr
+    return with_method_defaults({"method": method}, (), task_kind)["lr"]
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -115,15 +116,19 @@ def run_compare(options: dict[str, Any], given: Collection[str]) -> dict[str, An
         raise ValueError("compare reports test metrics: pass --test-data FILE (a data file has no test split)")
     shared = {k: v for k, v in options.items() if k in given and k not in PER_RUN and k not in COMPARE_ONLY}
     if has_validation and "eval_every" not in given:
-        shared["eval_every"] = max(1, (options.get("max_steps") or 70) // 5)  # a validation curve
+        shared["eval_every"] = 0.2  # a validation curve of five points, whatever each task's budget
     output.mkdir(parents=True, exist_ok=True)
     _check_same_compare(output, options, given)
+    if options["lr_sweep"]:
+        from deltatune.run import training_data_and_task
+
+        task_kind = training_data_and_task(options)[1]
 
     plan = []
     for size in sizes:
         for seed in seeds:
             for method in methods:
-                lrs = [default_lr(method) * f for f in SWEEP_FACTORS] if options["lr_sweep"] else [None]
+                lrs = [default_lr(method, task_kind) * f for f in SWEEP_FACTORS] if options["lr_sweep"] else [None]
                 plan += [SubRun(method, size, seed, lr) for lr in lrs]
     runner = _Runner(output, shared, len(plan))
     with runner:

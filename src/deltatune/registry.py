@@ -63,20 +63,29 @@ class TrainingDefaults:
         lr: peak learning rate.
         warmup: warmup (a fraction of the steps when < 1).
         options: other ``train`` options by name (``virtual_tokens``, ``targets``, ...).
+        tasks: values that differ for one task kind (``{"seq-cls": {"lr": 1e-3}}``): they beat both
+            the method's own and the task's (``deltatune.tasks.task_training_defaults``).
         source: where the values come from (paper, measurement), shown by ``--help``'s reader.
     """
 
     lr: float
     warmup: float = 0.05
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     source: str = ""
 
     def get(self, option: str, fallback: Any = None) -> Any:
+        """The method's own value, whatever the task."""
         if option == "lr":
             return self.lr
         if option == "warmup":
             return self.warmup
         return self.options.get(option, fallback)
+
+    def for_task(self, task: str, option: str) -> tuple[bool, Any]:
+        """``(True, value)`` when the method sets ``option`` differently for ``task``, else ``(False, None)``."""
+        overrides = self.tasks.get(task, {})
+        return (option in overrides, overrides.get(option))
 
 
 _TRAINING_DEFAULTS: dict[str, TrainingDefaults] = {}

@@ -70,7 +70,7 @@ METHOD_OPTIONS = {
 # Options whose default is the method's own (deltatune.registry.training_defaults); these values
 # serve a method whose module names none.
 METHOD_DEFAULTED = ("lr", "warmup", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
-METHOD_DEFAULTED += ("encoder_hidden_size", "reduction_factor")
+METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor")
 METHOD_FALLBACKS: dict[str, Any] = {
     "lr": 5e-4,
     "warmup": 0.05,
@@ -79,8 +79,12 @@ METHOD_FALLBACKS: dict[str, Any] = {
     "virtual_init": "random",
     "prefix_projection": False,
     "encoder_hidden_size": None,
+    "encoder_type": "MLP",
     "reduction_factor": 16,
 }
+# Options a task kind may set for every method (deltatune.tasks.task_training_defaults); otherwise
+# the command line's default stands.
+TASK_DEFAULTED = ("batch_size", "max_steps")
 LABEL_GENERATION_OPTIONS = ("label_words", "instruction", "system")
 TASK_METRICS = {
     "label-generation": ("accuracy", "macro_f1", "exact_match", "loss"),
@@ -146,6 +150,12 @@ def choose_task(requested: str, family: str, records: list[dict[str, Any]], opti
         f"({options['label_column']!r}, for classification) nor a response column ({options['response_column']!r}, "
         "for chat tuning); name them with --label-column / --text-column or --response-column / --prompt-column"
     )
+
+
+def training_data_and_task(options: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """The training records as read and the task they make with the model (``--task auto`` resolved)."""
+    raw, _ = load_split(options, "train", None)
+    return raw, choose_task(options["task"], model_family(options["model"]), raw, options)
 
 
 def required_columns(kind: str, options: dict[str, Any], sample: dict[str, Any]) -> list[str]:
@@ -364,14 +374,27 @@ def _limit(records: list[Any], count: int) -> list[Any]:
     return records[:count] if count else records
 
 
-def with_method_defaults(options: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
-    """``options`` with each method-defaulted option the user did not give set to the method's default."""
+def with_method_defaults(
+    options: dict[str, Any], given: Collection[str], task_kind: str | None = None
+) -> dict[str, Any]:
+    """``options`` with each defaulted option the user did not give set to its default for this method
+    and task: the method's value for the task, else the task's (``task_training_defaults``), else the
+    method's own, else the run's (``METHOD_FALLBACKS``, or the command line's default)."""
     from deltatune.registry import training_defaults
+    from deltatune.tasks import task_training_defaults
 
     defaults = training_defaults(options["method"])
+    for_task = task_training_defaults(task_kind) if task_kind else {}
     resolved = dict(options)
-    for key in METHOD_DEFAULTED:
-        if key not in given or resolved.get(key) is None:
+    for key in METHOD_DEFAULTED + TASK_DEFAULTED:
+        if key in given and resolved.get(key) is not None:
+            continue
+        method_sets, value = defaults.for_task(task_kind, key) if task_kind else (False, None)
+        if method_sets:
+            resolved[key] = value
+        elif key in for_task:
+            resolved[key] = for_task[key]
+        elif key in METHOD_DEFAULTED:
             resolved[key] = defaults.get(key, METHOD_FALLBACKS[key])
     return resolved
 
@@ -409,14 +432,15 @@ def check_options(options: dict[str, Any], given: Collection[str]) -> None:
 def run_training(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
     """The main job (see the module docstring); ``given`` names the options the user set."""
     output = Path(options["output"])
-    options = with_method_defaults(options, given)
+    raw, task_kind = training_data_and_task(options)
+    options = with_method_defaults(options, given, task_kind)
     dist_env = Distributed.from_env(options.get("device", "auto"))
     check_options(options, given)  # every process checks, so that each fails alike
     created = check_output(output, resume=options["resume"], overwrite=bool(options.get("overwrite")))
     if options["resume"]:
         check_resume(output, options)
     try:
-        return _train(options, output, dist_env, given)
+        return _train(options, output, dist_env, given, (raw, task_kind))
     except BaseException as err:
         if dist_env.main:
             remove_failed_output(output, created)
@@ -432,16 +456,20 @@ def _mark_status(output: Path, status: str) -> None:
     write_summary(output, {**summary, "status": status})
 
 
-def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: Collection[str]) -> dict[str, Any]:
+def _train(
+    options: dict[str, Any],
+    output: Path,
+    dist_env: Distributed,
+    given: Collection[str],
+    data_and_task: tuple[list[dict[str, Any]], str],
+) -> dict[str, Any]:
     started = time.perf_counter()
     recorded = recorded_options(options)  # as given: --resume compares a command with this
     torch.manual_seed(options["seed"])
     say = printer(dist_env.main)
 
-    raw, _ = load_split(options, "train", None)
-    family = model_family(options["model"])
+    raw, task_kind = data_and_task
     check_max_length(options["model"], options["max_length"])
-    task_kind = choose_task(options["task"], family, raw, options)
     for key in LABEL_GENERATION_OPTIONS:
         if key in given and task_kind != "label-generation":
             logger.warning(
@@ -518,7 +546,7 @@ def _train(options: dict[str, Any], output: Path, dist_env: Distributed, given: 
     )
     if before:
         say(f"before training, test: {short_metrics(before)}")
-    general = _general_examples(tokenizer, family) if options["forgetting"] else None
+    general = _general_examples(tokenizer, model_family(options["model"])) if options["forgetting"] else None
     forgetting_before = _general_loss(trained, general, dist_env, precision, base=True) if general else None
 
     args = TrainArgs(

@@ -62,7 +62,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     clip: float | None = 1.0
     seed: int = 0
-    eval_every: int | None = None
+    eval_every: float | None = None  # steps between validations; a fraction of the steps when < 1
     save_every: int | None = None
     eval_batch_size: int = 32
     log_every: int = 1
@@ -90,6 +90,8 @@ class TrainArgs:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.eval_every is not None and self.eval_every >= 1 and self.eval_every != int(self.eval_every):
+            raise ValueError(f"eval_every is a number of steps or a fraction below 1, got {self.eval_every}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
 
@@ -213,6 +215,8 @@ class Trainer:
             )
         self.steps_per_epoch = len(train) // self.global_batch  # a short last batch is dropped
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.steps_per_epoch))
+        every = args.eval_every or 0
+        self.eval_every = max(1, round(every * self.total_steps)) if 0 < every < 1 else int(every)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if args.compile:
@@ -303,7 +307,7 @@ class Trainer:
                     "elapsed_s": time.perf_counter() - started,
                 }
                 self._log(record)
-                if self.args.eval_every and self.step % self.args.eval_every == 0 and self.step < self.total_steps:
+                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
                     self._evaluate_and_keep_best()
                     if self._patience_ran_out():
                         break
