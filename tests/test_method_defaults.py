@@ -129,10 +129,11 @@ def test_help_shows_the_tasks_budget():
     lines = {"--" + entry.split()[0]: entry for entry in entries}
     assert "default: (8; seq-cls: 16)" in lines["--batch-size"]
     assert "default: (70; seq-cls: 200)" in lines["--max-steps"]
-    for method, defaults in trainable_methods().items():
+    for defaults in trainable_methods().values():
         for task, values in defaults.tasks.items():
             if "lr" in values:
-                assert f"{task}: {values['lr']}" in next(v for k, v in lines.items() if k == "--lr")
+                assert f"{task}: {values['lr']}" in lines["--lr"]
+    assert "ptuning: MLP (seq-cls: LSTM)" in lines["--encoder-type"]
 
 
 # -- starting from real tokens ------------------------------------------------------------------

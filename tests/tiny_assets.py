@@ -87,7 +87,7 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def make_tiny_llama(folder: Path) -> None:
+def make_tiny_llama(folder: Path, hidden_size: int = 32) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from deltatune.models import resolve_model_path
@@ -96,8 +96,8 @@ def make_tiny_llama(folder: Path) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

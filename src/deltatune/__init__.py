@@ -23,6 +23,7 @@ from deltatune.peft_model import (
     Stack,
     get_peft_model,
 )
+from deltatune.quantization import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -49,4 +50,5 @@ __all__ = [
     "TargetModuleError",
     "TaskType",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
 ]

@@ -175,6 +175,15 @@ def run_model_option(f: Any) -> Any:
     )(f)
 
 
+def quantize_option(f: Any) -> Any:
+    return click.option(
+        "--quantize",
+        type=click.Choice(["none", "nf4", "fp4", "int8"]),
+        default="none",
+        help="Load the base's linear layers in 4-bit (nf4/fp4, QLoRA) or 8-bit (bitsandbytes).",
+    )(f)
+
+
 def adapter_option(required: bool = False, help_text: str = "Run folder or adapter folder.") -> Any:
     return click.option(
         "--adapter", default=None, required=required, type=click.Path(exists=True, file_okay=False), help=help_text
@@ -237,6 +246,7 @@ def eval_data_options(f: Any) -> Any:
 @main.command()
 @config_option
 @model_options
+@quantize_option
 @click.option("--method", type=click.Choice(METHODS), default="lora", help="What to train.")
 @click.option(
     "--r", "--rank", "r", default=16, type=AT_LEAST_ONE, help="LoRA/DoRA rank (use --rank under torchrun: --r clashes)."
@@ -342,7 +352,12 @@ def eval_data_options(f: Any) -> Any:
     type=NON_NEGATIVE,
     help="Warmup: a fraction of the steps (< 1) or a number of steps.",
 )
-@click.option("--optim", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", help="Optimizer.")
+@click.option(
+    "--optim",
+    type=click.Choice(["adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw8bit"]),
+    default="adamw",
+    help="Optimizer (adamw8bit/paged_adamw8bit: bitsandbytes' 8-bit states; paged needs CUDA).",
+)
 @click.option("--betas", default="0.9,0.999", callback=_betas, help="AdamW betas (SGD: the first is its momentum).")
 @click.option("--epochs", default=1.0, type=POSITIVE, help="Epochs; they rule when given without --max-steps.")
 @click.option(
@@ -498,6 +513,7 @@ main.add_command(compare)
 @main.command("eval")
 @config_option
 @run_model_option
+@quantize_option
 @adapter_option(help_text="Run folder or adapter folder to evaluate (none: the base model).")
 @eval_data_options
 @click.option("--split", default="test", help="Split of a built-in data set.")
@@ -524,6 +540,7 @@ def eval_command(**options: Any) -> None:
 
 @main.command()
 @run_model_option
+@quantize_option
 @adapter_option()
 @click.option("--prompt", default=None, help="One prompt; without it (and --prompts), an interactive chat.")
 @click.option(
@@ -550,6 +567,12 @@ def generate(**options: Any) -> None:
 
 @main.command()
 @run_model_option
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "nf4", "fp4", "int8"]),
+    default="none",
+    help="Merge into a 4/8-bit base (requantized; rounding reported) instead of the float one.",
+)
 @adapter_option(required=True)
 @click.option("--output", required=True, type=click.Path(), help="Folder for the merged model.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Weights' type.")

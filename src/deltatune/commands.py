@@ -142,7 +142,7 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
     if options.get("predictions") and not spec.is_classification:
         raise ValueError("--predictions applies to classification; for prompt/response data use deltatune generate")
     check_max_length(model_name, spec.max_length)
-    model, tokenizer = load_for_task(model_name, spec.kind, spec.num_labels or 2)
+    model, tokenizer = load_for_task(model_name, spec.kind, spec.num_labels or 2, options.get("quantize") or "none")
     if not without:
         model = attach(model, trained, model_name)
     task = make_task(spec, tokenizer, options["on_long"])
@@ -240,7 +240,12 @@ def run_generate(options: dict[str, Any], given: Collection[str] = ()) -> None:
     if spec is not None and spec.kind == "seq-cls":
         raise ValueError(f"{trained.folder} is a classifier with a head, not a generator; use deltatune eval")
     seq2seq = (spec.kind == "seq2seq") if spec is not None else model_family(model_name) == "seq2seq"
-    model, tokenizer = load_model(model_name, task="seq2seq" if seq2seq else "causal-lm", allow_hub=False)
+    model, tokenizer = load_model(
+        model_name,
+        task="seq2seq" if seq2seq else "causal-lm",
+        allow_hub=False,
+        quantize=options.get("quantize") or "none",
+    )
     model = attach(model, trained, model_name)
     model.eval()
     template = make_task(spec, tokenizer) if spec is not None and spec.kind == "label-generation" else None
@@ -345,6 +350,12 @@ def run_merge(options: dict[str, Any]) -> Path:
     output = Path(options["output"])
     _check_merge_output(output, trained, bool(options.get("overwrite")))
     model_name = base_model_for(trained, options.get("model"))
+    quantize = options.get("quantize") or "none"
+    if quantize != "none" and (trained.full or options.get("dtype", "fp32") != "fp32"):
+        raise ValueError(
+            f"--quantize {quantize} merges into a {quantize} base, which keeps its own storage: "
+            + ("a full fine-tune has no adapter to merge" if trained.full else "leave --dtype at fp32")
+        )
     if trained.full:
         kind = {"seq-cls": "seq-cls", "seq2seq": "seq2seq"}.get(trained.spec.kind if trained.spec else "", "causal-lm")
         num_labels = (trained.spec.num_labels if trained.spec else None) or 2
@@ -353,9 +364,10 @@ def run_merge(options: dict[str, Any]) -> Path:
         config = PeftConfig.from_pretrained(trained.folder)
         kind = {"SEQ_CLS": "seq-cls", "SEQ_2_SEQ_LM": "seq2seq"}.get(str(config.task_type), "causal-lm")
         num_labels = (trained.spec.num_labels if trained.spec else None) or 2
-        model, tokenizer = load_model(model_name, task=kind, num_labels=num_labels, allow_hub=False)
+        model, tokenizer = load_model(model_name, task=kind, num_labels=num_labels, allow_hub=False, quantize=quantize)
         merged = attach(model, trained, model_name).merge_and_unload()
-    merged = merged.to(DTYPES[options.get("dtype", "fp32")])
+    if quantize == "none":
+        merged = merged.to(DTYPES[options.get("dtype", "fp32")])
     spec = trained.spec
     if spec is not None:
         spec = TaskSpec(**{**spec.__dict__, "base_model": None})

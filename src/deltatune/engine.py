@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
+from deltatune import base_layers
 from deltatune.adapter_layer import AdapterLayer
 
 logger = logging.getLogger("deltatune")
@@ -43,15 +44,9 @@ class TargetModuleError(ValueError):
 
 
 def linear_types() -> tuple[type[nn.Module], ...]:
-    """Module types that behave as linear layers: ``nn.Linear`` and transformers' GPT-2 ``Conv1D``."""
-    types: list[type[nn.Module]] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # the core works on plain torch models
-        pass
-    return tuple(types)
+    """Module types that behave as linear layers: ``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes' 4/8-bit
+    layers (see :mod:`deltatune.base_layers`)."""
+    return base_layers.linear_types()
 
 
 def _matches(key: str, spec: str | Sequence[str]) -> bool:
@@ -118,7 +113,7 @@ def find_targets(
             continue
         inner = innermost(module)
         if all_linear:
-            hit = isinstance(inner, linear_types())
+            hit = isinstance(inner, linear_types()) or base_layers.looks_like_unsupported_quantized_linear(inner)
         else:
             hit = _matches(name, target_modules)
         if not hit:
@@ -143,6 +138,8 @@ def find_targets(
         children = [f"{name}.{child}" for child, sub in module.named_modules() if child and isinstance(sub, wrappable)]
         hint = f"; its wrappable submodules are: {', '.join(children[:8])}" if children else ""
         kinds = ", ".join(t.__name__ for t in wrappable)
+        if base_layers.looks_like_unsupported_quantized_linear(module):
+            hint = f"; it is a quantized layer deltatune cannot adapt ({base_layers.QUANTIZED_LAYER_HINT})"
         raise TargetModuleError(
             f"target module {name!r} is a {type(module).__name__}, but {method} wraps only {kinds}{hint}"
         )

@@ -367,8 +367,14 @@ def load_model(
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
     allow_hub: bool | None = None,
+    quantize: str = "none",
+    device: torch.device | str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a model and its tokenizer for ``task`` (``causal-lm``, ``seq-cls``, ``seq2seq``, ``base``).
+
+    ``quantize`` (``nf4``, ``fp4``, ``int8``) loads the linear layers of the model's blocks into
+    bitsandbytes' 4-bit or 8-bit layers (:mod:`deltatune.quantization`), straight onto ``device``
+    (a quantized model cannot be moved afterwards); embeddings, norms and heads stay in ``dtype``.
 
     Tokenizer conventions, fixed here so every caller sees the same thing:
 
@@ -406,6 +412,13 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
 
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize != "none":
+        from deltatune.quantization import bitsandbytes_config, check_device
+
+        where = torch.device(device or "cpu")
+        check_device(quantize, where)
+        kwargs["quantization_config"] = bitsandbytes_config(quantize, compute_dtype=dtype)
+        kwargs["device_map"] = {"": where}
     if task == "seq-cls":
         # A folder whose head has another number of classes gets a fresh head of the right size.
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune import checkpoint, engine
+from deltatune import base_layers, checkpoint, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import CONFIG_NAME, TASK_HEADS, ConfigError, PeftConfig
 from deltatune.modules_to_save import ModulesToSaveWrapper
@@ -341,10 +341,13 @@ class PeftModel(nn.Module):
         _untie_shared_weights(self._model, layers)
         for layer in layers:
             layer.merge([n for n in names if n in layer.adapter_names], safe_merge=safe_merge)
+        _warn_rounding(layers, "merging")
 
     def unmerge_adapter(self) -> None:
-        for layer in self._layers():
+        layers = [layer for layer in self._layers() if layer.merged_adapters]
+        for layer in layers:
             layer.unmerge()
+        _warn_rounding(layers, "unmerging")
 
     def merge_and_unload(
         self, safe_merge: bool = False, adapter_names: list[str] | None = None, progressbar: bool = False
@@ -451,12 +454,14 @@ class PeftModel(nn.Module):
 
     # -- counting -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, each shared tensor counted once."""
+        """(trainable, all) parameter counts, each shared tensor counted once; a 4-bit weight counts
+        its weights, not the bytes that pack two of them (as HF PEFT counts)."""
         trainable = total = 0
         for param in self.parameters():
-            total += param.numel()
+            count = base_layers.parameter_count(param)
+            total += count
             if param.requires_grad:
-                trainable += param.numel()
+                trainable += count
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -651,3 +656,21 @@ PeftModelForQuestionAnswering = PeftModel
 PeftModelForFeatureExtraction = PeftModel
 
 __all__ = ["PeftModel", "get_peft_model"]
+
+
+def _warn_rounding(layers: list[AdapterLayer], action: str) -> None:
+    """Say what requantizing a 4-bit or 8-bit base cost when adapters were folded into (or out of) it."""
+    quantized = [layer for layer in layers if base_layers.is_quantized(engine.innermost(layer))]
+    if not quantized:
+        return
+    worst = max(getattr(layer, "rounding_error", 0.0) for layer in quantized)
+    kinds = sorted({base_layers.linear_base(engine.innermost(layer)).describe() for layer in quantized})
+    logger.warning(
+        "%s adapters into %d quantized layers (%s) requantized their weights: rounding changed them by up to "
+        "%.3g beyond the adapters' own update. To keep the update exact, merge into the float base instead: "
+        "load it without quantization_config, then PeftModel.from_pretrained(base, adapter).merge_and_unload()",
+        action.capitalize(),
+        len(quantized),
+        ", ".join(kinds),
+        worst,
+    )

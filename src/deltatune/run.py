@@ -43,7 +43,15 @@ from deltatune.run_folder import (
     write_summary,
 )
 from deltatune.tasks import CausalLM, LabelSpace, Task
-from deltatune.train import Distributed, TrainArgs, Trainer, evaluate, peak_memory_mib, resolve_precision
+from deltatune.train import (
+    Distributed,
+    TrainArgs,
+    Trainer,
+    evaluate,
+    optimizer_state_bytes,
+    peak_memory_mib,
+    resolve_precision,
+)
 
 logger = logging.getLogger("deltatune")
 
@@ -240,14 +248,18 @@ def build_task(kind: str, tokenizer: Any, records: list[dict[str, Any]], options
     return make_task(task_spec(kind, records, options, None), tokenizer, options.get("on_long", "truncate"))
 
 
-def load_for_task(name: str, task_kind: str, num_labels: int) -> tuple[nn.Module, Any]:
+def load_for_task(
+    name: str, task_kind: str, num_labels: int, quantize: str = "none", device: torch.device | None = None
+) -> tuple[nn.Module, Any]:
     family_task = {
         "label-generation": "causal-lm",
         "causal-lm": "causal-lm",
         "seq-cls": "seq-cls",
         "seq2seq": "seq2seq",
     }
-    return load_model(name, task=family_task[task_kind], num_labels=num_labels, allow_hub=False)
+    return load_model(
+        name, task=family_task[task_kind], num_labels=num_labels, allow_hub=False, quantize=quantize, device=device
+    )
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -403,6 +415,14 @@ def with_method_defaults(
 def check_options(options: dict[str, Any], given: Collection[str]) -> None:
     """Options that cannot apply: errors where the run would differ from what the user asked (validation
     options without validation data), warnings where they are merely unused (another method's option)."""
+    quantize = options.get("quantize") or "none"
+    if quantize != "none" and options["method"] == "full":
+        raise ValueError(
+            f"--quantize {quantize} freezes the base in {quantize}, and --method full trains every weight: "
+            "use a PEFT method (QLoRA: --method lora) or --quantize none"
+        )
+    if quantize != "none" and options.get("fsdp"):
+        raise ValueError(f"--quantize {quantize} is not supported with --fsdp (bitsandbytes weights cannot be sharded)")
     if options.get("resume") and options.get("overwrite"):
         raise ValueError("--resume continues the run in --output and --overwrite replaces it: give one of them")
     builtin = options["data"] in datasets.BUILTIN_DATASETS
@@ -486,13 +506,15 @@ def _train(
     train_records, train_name = load_split(options, "train", None, columns)
     train_records = _limit(train_records, options["max_train"])
     spec = task_spec(task_kind, train_records, options, model_record(options["model"]))
-    say(f"loading {options['model']} for {task_kind} ...")
-    model, tokenizer = load_for_task(options["model"], task_kind, spec.num_labels or 2)
+    quantize = options.get("quantize") or "none"
+    say(f"loading {options['model']} for {task_kind}{'' if quantize == 'none' else f' ({quantize})'} ...")
     device = _device(options.get("device", "auto"), dist_env)
+    model, tokenizer = load_for_task(options["model"], task_kind, spec.num_labels or 2, quantize, device)
     precision = resolve_precision(options.get("precision", "auto"), device)
     if precision == "fp16" and options["fsdp"] and dist_env.world > 1:
         raise ValueError("--precision fp16 (loss scaling) is not supported with --fsdp; use bf16 or fp32")
-    model.to(device)
+    if quantize == "none":
+        model.to(device)  # a quantized model was loaded onto its device
     task = make_task(spec, tokenizer, options["on_long"])
     if task_kind == "label-generation":  # what the task resolved (default prompt, label words) is what is saved
         spec.label_words, spec.instruction = list(task.words), task.instruction
@@ -623,7 +645,11 @@ def _train(
             "device": device.type,
             "precision": precision,
             "adapter_bytes": _folder_bytes(output / f"checkpoint-{result['steps']}" / "trained"),
-            "full_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
+            "full_model_bytes": sum(_float_bytes(p) for p in _base_parameters(trained)),
+            "quantization": quantize,
+            "base_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
+            "optimizer": options.get("optim", "adamw"),
+            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
             "main_metric": task.main_metric,
             "test_before": before,
             "test_after": after,
@@ -701,8 +727,18 @@ def _device(choice: str, distributed: Distributed) -> torch.device:
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    from deltatune.base_layers import parameter_count
+
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(parameter_count(p) for p in model.parameters())
+
+
+def _float_bytes(param: torch.Tensor) -> int:
+    """What the parameter takes unquantized: a full checkpoint's share (4-bit and int8 weights at float32)."""
+    from deltatune.base_layers import parameter_count
+
+    quantized = type(param).__name__ in ("Params4bit", "Int8Params")
+    return parameter_count(param) * (4 if quantized else param.element_size())
 
 
 def _base_parameters(model: nn.Module) -> list[nn.Parameter]:

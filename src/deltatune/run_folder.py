@@ -88,6 +88,7 @@ TRAJECTORY_OPTIONS = (
     "seed",
     "max_train",
     "precision",
+    "quantize",
 )
 
 

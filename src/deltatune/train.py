@@ -44,7 +44,7 @@ from deltatune.peft_model import PeftModel
 from deltatune.run_folder import LATEST
 from deltatune.tasks import Example, Task
 
-OPTIMIZERS = ("adamw", "sgd", "adafactor")
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw8bit")
 
 
 @dataclasses.dataclass
@@ -164,7 +164,37 @@ def make_optimizer(params: list[nn.Parameter], args: TrainArgs) -> torch.optim.O
         return torch.optim.SGD(params, lr=args.lr, momentum=args.betas[0], weight_decay=args.weight_decay)
     if args.optim == "adafactor":
         return torch.optim.Adafactor(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.optim in ("adamw8bit", "paged_adamw8bit"):
+        return _bitsandbytes_adamw(params, args)
     return torch.optim.AdamW(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
+
+
+def _bitsandbytes_adamw(params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW with 8-bit blockwise-quantized moments (Dettmers et al. 2022): a quarter of AdamW's state
+    memory; the paged variant keeps that state in CUDA unified memory, paged to the CPU under pressure."""
+    from deltatune.quantization import require_bitsandbytes
+
+    require_bitsandbytes()
+    import bitsandbytes as bnb
+
+    paged = args.optim == "paged_adamw8bit"
+    if paged and not all(p.is_cuda for p in params):
+        raise ValueError(
+            "--optim paged_adamw8bit pages optimizer state between GPU and CPU memory and needs CUDA; "
+            "on the CPU use adamw8bit or adamw"
+        )
+    optimizer = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    return optimizer(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes the optimizer's state tensors hold (moments, and their quantization scales for 8-bit)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def plan_epoch(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, group: bool) -> list[list[int]]:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune import engine
+from deltatune import base_layers, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
@@ -245,17 +245,13 @@ class BottleneckLayer(AdapterLayer):
         raise TypeError("use add_bottleneck(name, config, hidden, input_module)")
 
     def add_bottleneck(self, name: str, config: BottleneckConfig, input_module: nn.Module | None) -> None:
-        base = engine.innermost(self.base_layer)
-        weight = base.weight
-        out_features = weight.shape[1] if not isinstance(base, nn.Linear) else weight.shape[0]
-        in_features = out_features
+        view = base_layers.linear_base(engine.innermost(self.base_layer))
+        out_features = in_features = view.out_features
         if input_module is not None:
-            inner = engine.innermost(input_module)
-            in_features = inner.weight.shape[0] if not isinstance(inner, nn.Linear) else inner.weight.shape[1]
+            in_features = base_layers.linear_base(engine.innermost(input_module)).in_features
         width = config.width(out_features)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        down = nn.Linear(in_features, width, device=weight.device, dtype=dtype)
-        up = nn.Linear(width, out_features, device=weight.device, dtype=dtype)
+        down = nn.Linear(in_features, width, device=view.device, dtype=view.adapter_dtype)
+        up = nn.Linear(width, out_features, device=view.device, dtype=view.adapter_dtype)
         with torch.no_grad():
             if config.init == "near-identity":
                 nn.init.normal_(down.weight, std=1e-2)

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune import engine
+from deltatune import base_layers, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
@@ -168,23 +168,27 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         # Per adapter: does its vector scale the input (feed-forward) or the output?
         self.is_feedforward: dict[str, bool] = {}
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores (in, out)
-        weight = base_layer.weight
-        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
-        self.in_features, self.out_features = in_features, out_features
-        # Base weight and bias before merging an adapter whose vector has zeros (division cannot undo it).
+        view = base_layers.linear_base(base_layer)
+        self.fan_in_fan_out = view.transposed  # Conv1D stores (in, out)
+        self.in_features, self.out_features = view.in_features, view.out_features
+        # Base weight (out, in) and bias before merging an adapter whose vector has zeros (division cannot undo it).
         self._merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.rounding_error = 0.0  # the largest change requantizing the base made in the last merge/unmerge
+
+    @property
+    def base(self) -> base_layers.LinearBase:
+        """The frozen layer through :mod:`deltatune.base_layers` (dense, Conv1D, 4-bit or 8-bit)."""
+        return base_layers.linear_base(self._modules["base_layer"])
 
     def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
         assert isinstance(config, IA3Config)
         feedforward = is_feedforward(config.feedforward_modules, module_path)
-        weight = self.base_layer.weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        view = self.base
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         if config.init_ia3_weights:
-            vector = torch.ones(shape, dtype=dtype, device=weight.device)
+            vector = torch.ones(shape, dtype=view.adapter_dtype, device=view.device)
         else:
-            vector = torch.randn(shape, dtype=dtype, device=weight.device)
+            vector = torch.randn(shape, dtype=view.adapter_dtype, device=view.device)
         self.ia3_l[name] = nn.Parameter(vector)
         self.is_feedforward[name] = feedforward
 
@@ -242,25 +246,26 @@ class IA3Linear(AdapterLayer):
         return result
 
     # -- merging --------------------------------------------------------------------------------
-    def _weight_scale(self, name: str) -> torch.Tensor:
-        """Adapter ``name``'s vector shaped to broadcast over the base weight in its own layout."""
+    def _dense_scale(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s vector shaped to broadcast over the base weight in (out, in) orientation:
+        an output vector scales rows, an input (feed-forward) vector columns."""
         vector = self.ia3_l[name].detach().flatten()
-        # In (out, in) layout an output vector scales rows and an input vector columns; Conv1D is (in, out).
-        scales_rows = (not self.is_feedforward[name]) != self.fan_in_fan_out
-        return vector[:, None] if scales_rows else vector[None, :]
+        return vector[None, :] if self.is_feedforward[name] else vector[:, None]
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """What merging adapter ``name`` adds to the current base weight, in the base weight's layout."""
-        weight = self.base_layer.weight
-        return (weight * self._weight_scale(name) - weight).to(weight.dtype)
+        weight = self.base.dense_weight()
+        delta = (weight * self._dense_scale(name) - weight).to(weight.dtype)
+        return delta.T if self.fan_in_fan_out else delta
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        base = self.base_layer
+        view, base = self.base, self.base_layer
         for name in names:
             if name in self.merged_adapters or name not in self.ia3_l:
                 continue
-            scale = self._weight_scale(name)
-            weight = (base.weight * scale).to(base.weight.dtype)
+            scale = self._dense_scale(name)
+            original = view.dense_weight()
+            weight = (original * scale.to(original.dtype)).to(original.dtype)
             bias = None
             if base.bias is not None and not self.is_feedforward[name]:
                 bias = (base.bias * self.ia3_l[name].detach().flatten()).to(base.bias.dtype)
@@ -268,26 +273,28 @@ class IA3Linear(AdapterLayer):
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
             if (scale == 0).any():
                 old_bias = base.bias.detach().clone() if base.bias is not None else None
-                self._merge_backup[name] = (base.weight.detach().clone(), old_bias)
-            with torch.no_grad():
-                base.weight.copy_(weight)
-                if bias is not None:
+                self._merge_backup[name] = (original.detach().clone(), old_bias)
+            self.rounding_error = view.set_dense_weight(weight)
+            if bias is not None:
+                with torch.no_grad():
                     base.bias.copy_(bias)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        base = self.base_layer
+        view, base = self.base, self.base_layer
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            with torch.no_grad():
-                if name in self._merge_backup:
-                    weight, bias = self._merge_backup.pop(name)
-                    base.weight.copy_(weight)
-                    if bias is not None:
+            if name in self._merge_backup:
+                weight, bias = self._merge_backup.pop(name)
+                self.rounding_error = view.set_dense_weight(weight)
+                if bias is not None:
+                    with torch.no_grad():
                         base.bias.copy_(bias)
-                    continue
-                base.weight.copy_((base.weight / self._weight_scale(name)).to(base.weight.dtype))
-                if base.bias is not None and not self.is_feedforward[name]:
+                continue
+            merged = view.dense_weight()
+            self.rounding_error = view.set_dense_weight(merged / self._dense_scale(name).to(merged.dtype))
+            if base.bias is not None and not self.is_feedforward[name]:
+                with torch.no_grad():
                     base.bias.copy_((base.bias / self.ia3_l[name].detach().flatten()).to(base.bias.dtype))
 
 
@@ -379,9 +386,9 @@ def attach_ia3(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[
     if isinstance(targets, list) and isinstance(feedforward, list) and any(e not in targets for e in feedforward):
         config.feedforward_modules = _saved_feedforward(targets, paths, ff_paths)
     # The layer reads the weight layout from the module type; the config records it, as PEFT does.
-    kinds = {isinstance(engine.innermost(model.get_submodule(p)), nn.Linear) for p in paths}
+    kinds = {base_layers.linear_base(engine.innermost(model.get_submodule(p))).transposed for p in paths}
     if len(kinds) == 1:
-        fan_in_fan_out = not kinds.pop()
+        fan_in_fan_out = kinds.pop()
         if config.fan_in_fan_out and not fan_in_fan_out:
             logger.warning("fan_in_fan_out=True, but the target modules are nn.Linear (weight stored (out, in))")
         config.fan_in_fan_out = fan_in_fan_out

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune import engine
+from deltatune import base_layers, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.methods.lora_combine import COMBINATIONS, combine_factors
@@ -166,19 +166,21 @@ class LoraLinear(AdapterLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores (in, out)
-        weight = base_layer.weight
-        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
-        self.in_features, self.out_features = in_features, out_features
+        view = base_layers.linear_base(base_layer)
+        self.fan_in_fan_out = view.transposed  # Conv1D stores (in, out)
+        self.in_features, self.out_features = view.in_features, view.out_features
         # DoRA's row norms at merge time, needed to unmerge exactly.
         self._merged_dora_norms: dict[str, torch.Tensor] = {}
+        # The largest change that requantizing the base weight made in the last merge/unmerge/init
+        # (0 on a float base): what a merge into a 4-bit or 8-bit base cost.
+        self.rounding_error = 0.0
 
     # -- construction ---------------------------------------------------------------------------
     def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
         assert isinstance(config, LoraConfig)
         r, alpha = config.rank_and_alpha(module_path)
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": _adapter_dtype(weight.dtype)}
+        view = self.base
+        factory = {"device": view.device, "dtype": view.adapter_dtype}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -223,14 +225,16 @@ class LoraLinear(AdapterLayer):
         self._set_weight(residual)
 
     # -- weights in (out, in) orientation -------------------------------------------------------
+    @property
+    def base(self) -> base_layers.LinearBase:
+        """The frozen layer through :mod:`deltatune.base_layers` (dense, Conv1D, 4-bit or 8-bit)."""
+        return base_layers.linear_base(self._modules["base_layer"])
+
     def _weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return weight.T if self.fan_in_fan_out else weight
+        return self.base.dense_weight()
 
     def _set_weight(self, weight: torch.Tensor) -> None:
-        target = self.base_layer.weight
-        with torch.no_grad():
-            target.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
+        self.rounding_error = self.base.set_dense_weight(weight)
 
     def _delta(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in (out, in) orientation."""
@@ -440,7 +444,7 @@ class LoraLinear(AdapterLayer):
             return
         base = self.base_layer
         if base.bias is None:  # a bias-free layer gets one for the merge, and loses it on unmerge
-            base.bias = nn.Parameter(base.weight.new_zeros(self.out_features), requires_grad=False)
+            base.bias = self.base.new_bias()
             self._created_bias = True
         with torch.no_grad():
             base.bias.add_(sign * self.scaling[name] * lora_bias.to(base.bias.dtype))
@@ -553,11 +557,7 @@ class LoraEmbedding(AdapterLayer):
                 weight.sub_(self.get_delta_weight(name).to(weight.dtype))
 
 
-def _fusable_types() -> tuple[type, ...]:
-    return tuple(engine.linear_types())
-
-
-_FUSABLE = _fusable_types()
+_FUSABLE = base_layers.fusable_types()  # dense weights the fused kernel can read as they are
 _AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
 

@@ -1,0 +1,113 @@
+"""Quantized frozen bases (QLoRA, Dettmers et al. 2023): loading a model in 4 or 8 bits, preparing it to train.
+
+QLoRA keeps the base weights in 4-bit NormalFloat (``nf4``: the 16 quantiles of a standard normal,
+so that normally distributed weights use every code equally), blockwise with one absmax per 64
+weights, the absmaxes themselves quantized to 8 bits (double quantization); the forward dequantizes
+each weight to the compute dtype and the adapters train in float32 on top. ``int8`` is LLM.int8()
+(one absmax per row). The layers are bitsandbytes'; deltatune reads them through
+:mod:`deltatune.base_layers`, so every layer method runs on them unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from torch import nn
+
+QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
+
+
+class QuantizationUnavailableError(RuntimeError):
+    """The quantization backend is missing or has no kernels on this device."""
+
+
+def require_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailableError(
+            "quantized bases need bitsandbytes, which is not installed: pip install 'deltatune[quant]' "
+            "(or pip install bitsandbytes)"
+        )
+
+
+def bitsandbytes_config(kind: str, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``kind`` (``nf4``, ``fp4``, ``int8``); None for ``none``."""
+    if kind not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {kind!r}")
+    if kind == "none":
+        return None
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def check_device(kind: str, device: torch.device) -> None:
+    """bitsandbytes runs on CUDA, and (0.50+) on x86 CPUs; refuse other devices with the reason."""
+    if kind == "none" or device.type in ("cuda", "cpu"):
+        return
+    raise QuantizationUnavailableError(
+        f"--quantize {kind}: bitsandbytes has no kernels for {device.type} devices; use --device cpu or cuda, "
+        "or --quantize none"
+    )
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)) or any(
+        type(m).__module__.startswith("bitsandbytes") for m in model.modules()
+    )
+
+
+def quantization_of(model: nn.Module) -> str:
+    """``nf4``, ``fp4``, ``int8`` or ``none``: what the model's linear layers are stored in."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is not None:
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        if get("load_in_4bit", False):
+            return str(get("bnb_4bit_quant_type", "fp4"))
+        if get("load_in_8bit", False):
+            return "int8"
+    return "none"
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Make a quantized model ready for adapter training (HF PEFT's function of the same name and meaning).
+
+    * every parameter is frozen (the adapters added next are the only trainable ones);
+    * 16-bit parameters that are not quantized (norms, embeddings, the LM head) are cast to float32,
+      so the small updates a float32 adapter makes are not lost to their rounding;
+    * with gradient checkpointing, the embeddings' output requires a gradient: reentrant
+      checkpointing recomputes a block only if one of its inputs does, and a frozen model's do not.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ not in ("Params4bit", "Int8Params"):
+            param.data = param.data.to(torch.float32)
+    if use_gradient_checkpointing and is_quantized_model(model):
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", True):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            else:
+                embeddings = model.get_input_embeddings()
+
+                def output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                    output.requires_grad_(True)
+
+                embeddings.register_forward_hook(output_requires_grad)
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    return model

@@ -1,0 +1,366 @@
+"""Layer methods on bitsandbytes 4-bit (nf4, fp4) and 8-bit bases, against HF PEFT on the same base.
+
+bitsandbytes 0.50 runs its 4-bit and 8-bit layers forward and backward on the CPU. Quantizing is
+deterministic, so two loads of one float checkpoint give bit-identical quantized bases: one for PEFT,
+one for deltatune; an adapter written by either loads in the other with equal logits. The tiny Llama
+has hidden size 64 (bitsandbytes' CPU path needs at least one 64-weight block per row).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+import deltatune as dt  # noqa: E402
+from deltatune.base_layers import linear_base  # noqa: E402
+from deltatune.quantization import QuantizationUnavailableError, bitsandbytes_config  # noqa: E402
+
+KINDS = ("nf4", "fp4", "int8")
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    folder = tmp_path_factory.mktemp("quant") / "llama64"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def load(folder, kind: str | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = bitsandbytes_config(kind) if kind else None
+        extra = {"quantization_config": config, "device_map": "cpu"} if config is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+    return model.eval()
+
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7], [3, 4, 8, 16, 32, 64, 99, 11]])
+
+
+def logits(model: nn.Module, ids: torch.Tensor = IDS, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+CONFIGS = {
+    "lora": lambda lib: lib.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    "rslora": lambda lib: lib.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True, init_lora_weights=False
+    ),
+    "dora": lambda lib: lib.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True, init_lora_weights=False
+    ),
+    "ia3": lambda lib: lib.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    ),
+}
+
+
+def randomize_dora(model: nn.Module) -> None:
+    """PEFT starts DoRA's magnitude at the column norms: move it so the test sees it used."""
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            with torch.no_grad():
+                param.mul_(1 + 0.1 * torch.randn_like(param))
+
+
+# -- numerics against HF PEFT, both directions through files ------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_adapters_cross_with_peft_on_the_same_quantized_base(llama_dir, tmp_path, kind, method):
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(load(llama_dir, kind), CONFIGS[method](peft))
+    randomize_dora(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    reference = logits(theirs)
+    assert not torch.allclose(reference, logits(load(llama_dir, kind)), atol=1e-3)  # the adapter matters
+
+    ours = dt.PeftModel.from_pretrained(load(llama_dir, kind), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(ours), reference, atol=ATOL, rtol=1e-4)
+
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(load(llama_dir, kind), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back), reference, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fresh_lora_leaves_the_quantized_model_as_it_was(llama_dir, kind):
+    base = load(llama_dir, kind)
+    before = logits(base)
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules="all-linear")).eval()
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+    peft_counts = peft.get_peft_model(load(llama_dir, kind), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert model.get_nb_trainable_parameters() == peft_counts.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter", "prompt"])
+def test_training_reaches_only_adapters_and_lowers_the_loss(llama_dir, kind, method):
+    base = dt.prepare_model_for_kbit_training(load(llama_dir, kind), use_gradient_checkpointing=False)
+    configs = {
+        "lora": dt.LoraConfig(r=8, target_modules="all-linear"),
+        "dora": dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+        "ia3": dt.IA3Config(),
+        "adapter": dt.BottleneckConfig(reduction_factor=4),
+        "prompt": dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }
+    model = dt.get_peft_model(base, configs[method])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    rate = {"ia3": 5e-2, "prompt": 1e-1}.get(method, 1e-2)
+    optimizer = torch.optim.AdamW(trainable, lr=rate)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        assert all(p.grad is not None for p in trainable)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param.detach(), frozen[name]), f"{name} changed"
+
+
+# -- several adapters, switching, mixed batches, generation ---------------------------------------
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_two_adapters_mixed_rows_disable_and_generate(llama_dir, kind):
+    base = load(llama_dir, kind)
+    plain = logits(base)
+    torch.manual_seed(0)
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.add_adapter("other", dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    first = logits(model)
+    model.set_adapter("other")
+    second = logits(model)
+    mixed = logits(model, adapter_names=["default", "other"])
+    torch.testing.assert_close(mixed[0], first[0], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], second[1], atol=ATOL, rtol=1e-4)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model), plain, atol=0, rtol=0)
+    out = model.generate(input_ids=IDS[:1], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 4)
+
+
+# -- merging --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_into_a_quantized_base_warns_and_errs_no_more_than_peft(llama_dir, tmp_path, kind, caplog):
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(load(llama_dir, kind), CONFIGS["lora"](peft))
+    theirs.save_pretrained(tmp_path)
+    exact = logits(theirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_error = (logits(theirs.merge_and_unload()) - exact).abs().max()
+
+    ours = dt.PeftModel.from_pretrained(load(llama_dir, kind), tmp_path).eval()
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        merged = ours.merge_and_unload()
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "requantized" in message and "rounding changed them by up to" in message
+    assert "merge into the float base instead" in message
+    assert not any(isinstance(m, dt.PeftModel) for m in merged.modules())
+    our_error = (logits(merged) - exact).abs().max()
+    assert 0 < our_error <= peft_error * 1.05 + 1e-6, (our_error, peft_error)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_unmerge_restores_the_quantized_base_up_to_rounding(llama_dir, kind):
+    torch.manual_seed(0)
+    model = dt.get_peft_model(load(llama_dir, kind), CONFIGS["lora"](dt)).eval()
+    before = logits(model)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    after = logits(model)
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_adapter_trained_on_a_quantized_base_merges_exactly_into_the_float_base(llama_dir, tmp_path, kind):
+    torch.manual_seed(0)
+    quantized = dt.get_peft_model(load(llama_dir, kind), CONFIGS["lora"](dt))
+    quantized.save_pretrained(tmp_path)
+    on_float = dt.PeftModel.from_pretrained(load(llama_dir, None), tmp_path).eval()
+    unmerged = logits(on_float)
+    torch.testing.assert_close(logits(on_float.merge_and_unload()), unmerged, atol=ATOL, rtol=1e-4)
+    # the float base with the adapter is close to the quantized one it was trained on
+    assert (unmerged - logits(quantized.eval())).abs().max() < 0.2 * unmerged.abs().max()
+
+
+# -- the base-weight interface --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_weight_round_trips_through_requantization(llama_dir, kind):
+    model = load(llama_dir, kind)
+    layer = model.model.layers[0].self_attn.q_proj
+    float_weight = load(llama_dir, None).model.layers[0].self_attn.q_proj.weight.detach()
+    view = linear_base(layer)
+    assert view.quantized and (view.out_features, view.in_features) == tuple(float_weight.shape)
+    dense = view.dense_weight()
+    assert dense.shape == float_weight.shape and dense.is_floating_point()
+    assert (dense - float_weight).abs().max() < 0.2 * float_weight.abs().max()  # a 4/8-bit reconstruction
+    error = view.set_dense_weight(dense.clone())
+    assert error < 1e-6  # values already on the grid requantize to themselves
+    torch.testing.assert_close(view.dense_weight(), dense, atol=1e-6, rtol=0)
+
+
+def test_prepare_model_for_kbit_training_matches_peft(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    def load_bf16():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_pretrained(
+                llama_dir, dtype=torch.bfloat16, quantization_config=bitsandbytes_config("nf4"), device_map="cpu"
+            )
+
+    ours = dt.prepare_model_for_kbit_training(load_bf16())
+    theirs = peft.prepare_model_for_kbit_training(load_bf16())
+    assert {n: (p.dtype, p.requires_grad) for n, p in ours.named_parameters()} == {
+        n: (p.dtype, p.requires_grad) for n, p in theirs.named_parameters()
+    }
+    assert ours.model.norm.weight.dtype == torch.float32 and ours.lm_head.weight.dtype == torch.float32
+    assert ours.is_gradient_checkpointing
+    ours.train()
+    assert ours.get_input_embeddings()(IDS).requires_grad  # reentrant checkpointing needs it
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """What a GPTQ/AWQ layer looks like from outside: sizes, packed integer weights, no float weight."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+class WithQuantLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = QuantLinear(64, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(x))
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["proj"]])
+def test_an_unsupported_quantized_layer_is_refused_with_its_type_and_the_supported_ones(targets):
+    with pytest.raises(dt.TargetModuleError) as err:
+        dt.get_peft_model(WithQuantLinear(), dt.LoraConfig(r=2, target_modules=targets))
+    assert "QuantLinear" in str(err.value) and "Linear4bit" in str(err.value) and "Linear8bitLt" in str(err.value)
+
+
+def test_quantizing_without_bitsandbytes_names_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
+    with pytest.raises(QuantizationUnavailableError, match=r"pip install 'deltatune\[quant\]'"):
+        bitsandbytes_config("nf4")
+
+
+# -- the command line -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_assets(tmp_path_factory):
+    from tiny_assets import make_tiny_llama, session_assets
+
+    assets = session_assets(tmp_path_factory)
+    folder = assets.root / "tinyllama64"  # bitsandbytes' CPU path wants 64-weight blocks per row
+    if not (folder / "config.json").exists():
+        make_tiny_llama(folder, hidden_size=64)
+    return assets, folder
+
+
+@pytest.fixture(scope="module")
+def qlora_run(cli_assets, tmp_path_factory):
+    from tiny_assets import check_ok, invoke, train_args
+
+    assets, llama64 = cli_assets
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    args = train_args(assets, out, "--quantize", "nf4", "--max-steps", "3", "--optim", "adamw8bit", model=llama64)
+    check_ok(invoke(*args, "--test-data", assets.cls_eval_csv))
+    return out
+
+
+def test_train_quantize_records_the_quantization_and_memory(qlora_run):
+    import json
+
+    summary = json.loads((qlora_run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["quantization"] == "nf4"
+    assert summary["options"]["quantize"] == "nf4" and summary["optimizer"] == "adamw8bit"
+    # nf4 blocks hold two weights a byte: the quantized base is well under its float32 size
+    assert summary["base_model_bytes"] < 0.6 * summary["full_model_bytes"]
+    assert summary["optimizer_state_bytes"] > 0
+    config = json.loads((qlora_run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+
+
+def test_eval_and_generate_quantize_see_the_model_train_measured(cli_assets, qlora_run):
+    import json
+
+    from tiny_assets import check_ok, invoke
+
+    assets, _ = cli_assets
+    summary = json.loads((qlora_run / "summary.json").read_text())
+    result = check_ok(invoke("eval", "--adapter", qlora_run, "--quantize", "nf4", "--test-data", assets.cls_eval_csv))
+    metrics = json.loads(result.output[result.output.index("{") :])
+    assert metrics["accuracy"] == summary["test_after"]["accuracy"]
+    assert metrics["loss"] == pytest.approx(summary["test_after"]["loss"], rel=1e-5)
+    out = check_ok(
+        invoke("generate", "--adapter", qlora_run, "--quantize", "nf4", "--prompt", "hi", "--max-new-tokens", "3")
+    )
+    assert out.output.strip()
+
+
+def test_merge_a_qlora_adapter_into_the_float_base_or_refuse_a_mixed_request(cli_assets, qlora_run, tmp_path):
+    from tiny_assets import check_ok, invoke
+
+    check_ok(invoke("merge", "--adapter", qlora_run, "--output", tmp_path / "merged"))
+    assert (tmp_path / "merged" / "config.json").is_file()
+    result = invoke("merge", "--adapter", qlora_run, "--quantize", "nf4", "--dtype", "bf16", "--output", tmp_path / "x")
+    assert result.exit_code != 0 and "leave --dtype at fp32" in result.output
+
+
+def test_full_fine_tuning_of_a_quantized_base_and_paged_optimizer_on_cpu_are_refused(cli_assets, tmp_path):
+    from tiny_assets import invoke, train_args
+
+    assets, llama64 = cli_assets
+    result = invoke(*train_args(assets, tmp_path / "f", "--quantize", "nf4", "--method", "full", model=llama64))
+    assert result.exit_code != 0 and "--method full trains every weight" in result.output
+    assert not (tmp_path / "f").exists()
+    result = invoke(
+        *train_args(assets, tmp_path / "p", "--optim", "paged_adamw8bit", "--max-steps", "1", model=llama64)
+    )
+    assert result.exit_code != 0 and "needs CUDA" in result.output
