@@ -17,3 +17,15 @@ def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     assert "trainable params: 3,584 ||" in printed
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_readme_qlora_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "BitsAndBytes" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    assert type(namespace["model"].model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert (tmp_path / "qlora-adapter" / "adapter_model.safetensors").is_file()

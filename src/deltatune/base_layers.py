@@ -96,10 +96,21 @@ class Conv1DBase(LinearBase):
 
 class Bnb4bitBase(LinearBase):
     """bitsandbytes ``Linear4bit``: blockwise nf4/fp4 codes plus absmax scales (themselves 8-bit with
-    double quantization); dequantized in the forward to ``compute_dtype``."""
+    double quantization); dequantized in the forward to ``compute_dtype``.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks the weight the first time the layer runs in eval
+    mode without gradients, and keeps it repacked: a kernel that has no backward (gradients through
+    the layer are silently wrong in every later training step: measured, first-layer LoRA gradients
+    off by a third) and absmax scales rounded to bfloat16 (outputs off by up to 0.02 on a tiny
+    Llama). A layer under an adapter is kept in its original layout (:func:`keep_trainable_layout`).
+    """
 
     quantized = True
     fusable = False
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        keep_layer_trainable(module)
 
     def _stored_shape(self) -> tuple[int, int]:
         return self.module.out_features, self.module.in_features
@@ -180,6 +191,28 @@ class Bnb8bitBase(LinearBase):
 
     def describe(self) -> str:
         return "Linear8bitLt (int8)"
+
+
+def keep_layer_trainable(module: nn.Module) -> None:
+    """Stop bitsandbytes' CPU inference repacking of a ``Linear4bit`` and undo it if it happened."""
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        import bitsandbytes.functional as bnbF
+
+        # The codes come back exactly; the absmax scales stay as the packing rounded them.
+        weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Every 4-bit layer of ``model`` in the layout its backward needs (see :class:`Bnb4bitBase`)."""
+    if "bitsandbytes" not in sys.modules:
+        return
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            keep_layer_trainable(module)
 
 
 # (type, view class), most specific first; bitsandbytes' entries are added once it is imported.

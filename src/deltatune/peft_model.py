@@ -116,6 +116,8 @@ class PeftModel(nn.Module):
         flags = [(param, param.requires_grad) for param in model.parameters()]
         for param, _ in flags:
             param.requires_grad_(False)
+        # Gradients reach every adapter through the frozen 4-bit layers (prompt tuning's too).
+        base_layers.keep_trainable_layout(model)
         try:
             self.add_adapter(adapter_name, peft_config)
         except Exception:

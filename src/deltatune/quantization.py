@@ -78,6 +78,25 @@ def quantization_of(model: nn.Module) -> str:
     return "none"
 
 
+def quantize_round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight`` (out, in) quantized as bitsandbytes stores it and dequantized again: nf4 in blocks of
+    64 with float32 absmax (``bits=4``), or LLM.int8()'s one absmax per row (``bits=8``)."""
+    require_bitsandbytes()
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    dense = weight.detach().float().to("cpu")
+    if bits == 4:
+        packed = bnb.nn.Params4bit(dense, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+        restored = bnbF.dequantize_4bit(packed.data, packed.quant_state)
+    elif bits == 8:
+        codes = bnb.nn.Int8Params(dense, requires_grad=False).to("cpu")
+        restored = bnbF.int8_vectorwise_dequant(codes.data, codes.SCB)
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return restored.float().reshape(weight.shape).to(weight.device)
+
+
 def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,

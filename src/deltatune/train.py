@@ -561,24 +561,42 @@ def _drop_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors for safetensors and the rest for JSON; a nested dict (bitsandbytes keeps each 8-bit
+    state's quantization maps and scales in one) flattens to ``state.I.KEY/SUBKEY``."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+
+    def put(index: Any, key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                put(index, f"{key}/{sub}", inner)
+        elif isinstance(value, torch.Tensor):
+            tensors[f"state.{index}.{key}"] = full_tensor(value).contiguous()
+        else:
+            scalars.setdefault(str(index), {})[key] = value
+
     for index, entry in state["state"].items():
         for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = full_tensor(value).contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
+            put(index, key, value)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     entries: dict[int, dict[str, Any]] = {}
+
+    def put(index: int, path: str, value: Any) -> None:
+        *outer, last = path.split("/")
+        target = entries.setdefault(index, {})
+        for part in outer:
+            target = target.setdefault(part, {})
+        target[last] = value
+
     for key, tensor in tensors.items():
         _, index, name = key.split(".", 2)
-        entries.setdefault(int(index), {})[name] = tensor
+        put(int(index), name, tensor)
     for index, values in meta["scalars"].items():
-        entries.setdefault(int(index), {}).update(values)
+        for name, value in values.items():
+            put(int(index), name, value)
     return {"state": entries, "param_groups": meta["param_groups"]}
 
 

@@ -62,7 +62,13 @@ class LoraConfig(PeftConfig):
         modules_to_save: modules trained in full and saved with the adapter (e.g. a task head).
         init_lora_weights: True (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)),
             False (both random: the adapter changes outputs from the start; for tests),
-            ``"pissa"`` or ``"pissa_niter_K"``.
+            ``"pissa"`` or ``"pissa_niter_K"``, or ``"loftq"`` (with ``loftq_config``).
+        loftq_config: LoftQ's settings, HF PEFT's keys: ``loftq_bits`` (4: nf4, or 8) and
+            ``loftq_iter`` (alternations, default 1). LoftQ (Li et al. 2023) starts from the float
+            weight :math:`W` and alternates :math:`Q_t = q(W - s B_{t-1} A_{t-1})` and
+            :math:`s B_t A_t = \\mathrm{SVD}_r(W - Q_t)`; the base weight becomes the dequantized
+            :math:`Q_T` (quantizing it again in that format gives :math:`Q_T` back), so that the
+            quantized base plus the initial adapter approximates :math:`W`. Run it on the float model.
         layers_to_transform, layers_pattern: restrict to these layer indices.
         rank_pattern, alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are regexes
             matched against the end of the module path.
@@ -86,6 +92,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
 
     always_written: ClassVar[tuple[str, ...]] = PeftConfig.always_written + (
         "r",
@@ -121,13 +128,21 @@ class LoraConfig(PeftConfig):
         init = self.init_lora_weights
         if not (
             isinstance(init, bool)
-            or init in ("gaussian", "pissa")
+            or init in ("gaussian", "pissa", "loftq")
             or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))
         ):
             raise ConfigError(
-                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa' "
-                "or 'pissa_niter_<K>'"
+                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+                "'pissa_niter_<K>' or 'loftq'"
             )
+        if init == "loftq":
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            if bits not in (4, 8) or not isinstance(iters, int) or iters < 1:
+                raise ConfigError(
+                    f"loftq_config={self.loftq_config!r}: loftq_bits must be 4 (nf4) or 8 and loftq_iter at least 1"
+                )
+            if self.use_dora:
+                raise ConfigError("LoftQ initialisation with DoRA is not defined; choose one of them")
         if self.use_dora and self.lora_bias:
             raise ConfigError("lora_bias=True cannot be combined with DoRA (its magnitude would rescale the bias)")
         if self.use_dora and str(init).startswith("pissa"):
@@ -174,6 +189,7 @@ class LoraLinear(AdapterLayer):
         # The largest change that requantizing the base weight made in the last merge/unmerge/init
         # (0 on a float base): what a merge into a 4-bit or 8-bit base cost.
         self.rounding_error = 0.0
+        self._loftq_settings: dict[str, dict[str, int]] = {}
 
     # -- construction ---------------------------------------------------------------------------
     def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
@@ -185,6 +201,8 @@ class LoraLinear(AdapterLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scale(alpha, r, config.use_rslora)
+        if config.init_lora_weights == "loftq":
+            self._loftq_settings[name] = {"loftq_bits": 4, "loftq_iter": 1, **config.loftq_config}
         self._init_weights(name, config.init_lora_weights)
         if config.use_dora:
             with torch.no_grad():
@@ -202,6 +220,9 @@ class LoraLinear(AdapterLayer):
                 nn.init.normal_(A.weight, std=1.0 / A.out_features)
             elif isinstance(init, str) and init.startswith("pissa"):
                 self._pissa_init(name, init)
+                return
+            elif init == "loftq":
+                self._loftq_init(name)
                 return
             else:
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
@@ -223,6 +244,31 @@ class LoraLinear(AdapterLayer):
         B.weight.copy_((U * root[None, :]).to(B.weight.dtype))
         residual = weight - scale * (B.weight.float() @ A.weight.float())
         self._set_weight(residual)
+
+    def _loftq_init(self, name: str) -> None:
+        from deltatune.quantization import quantize_round_trip
+
+        config = self._loftq_settings[name]
+        if self.base.quantized:
+            raise ConfigError(
+                f"init_lora_weights='loftq' starts from the float weights, but this layer is {self.base.describe()}: "
+                "call get_peft_model on the model loaded without quantization_config, save it, and load that in "
+                "4 bits to train"
+            )
+        A, B, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        r = A.out_features
+        weight = self._weight().float()
+        residual = weight
+        for step in range(config["loftq_iter"]):
+            quantized = quantize_round_trip(residual, config["loftq_bits"])
+            U, S, Vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+            root = torch.sqrt(S[:r] / scale)  # s * B @ A = U_r S_r Vh_r
+            low_B, low_A = U[:, :r] * root[None, :], root[:, None] * Vh[:r]
+            if step + 1 < config["loftq_iter"]:
+                residual = weight - scale * (low_B @ low_A)
+        A.weight.copy_(low_A.to(A.weight.dtype))
+        B.weight.copy_(low_B.to(B.weight.dtype))
+        self._set_weight(quantized)
 
     # -- weights in (out, in) orientation -------------------------------------------------------
     @property
