@@ -95,9 +95,10 @@ def run_step_child(case: str, env: common.Env) -> None:
     model, optimizer = build(case, env)
     ids = common.random_ids(model.config.vocab_size, *step_shape(env), env)
     step = step_fn(model, optimizer, ids)
+    load_peak = common.reset_peak_rss()  # the training's own peak from here on: not the load's transient
     for _ in range(2):
         step()
-    common.report_child_memory(env)
+    common.report_child_memory(env, load_peak_rss_mib=load_peak)
 
 
 def part_step(args, env: common.Env) -> tuple[dict, dict, dict]:
@@ -191,6 +192,7 @@ def run_scale_child(case: str, env: common.Env) -> None:
     started = time.perf_counter()
     model = load_base(base, env, folder)
     loaded = time.perf_counter() - started
+    load_peak = common.reset_peak_rss()
     model = deltatune.get_peft_model(model, deltatune.LoraConfig(task_type="CAUSAL_LM", **LORA))
     from deltatune.train import enable_gradient_checkpointing
 
@@ -204,7 +206,9 @@ def run_scale_child(case: str, env: common.Env) -> None:
         t0 = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - t0)
-    common.report_child_memory(env, load_s=loaded, step_s=seconds, parameters=parameter_count(SIZES[size]))
+    common.report_child_memory(
+        env, load_s=loaded, load_peak_rss_mib=load_peak, step_s=seconds, parameters=parameter_count(SIZES[size])
+    )
 
 
 def part_scale(args, env: common.Env) -> dict:

@@ -193,6 +193,21 @@ def peak_rss_mib() -> float:
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
 
 
+def reset_peak_rss() -> float | None:
+    """The peak resident set so far (MiB), then start the high-water mark afresh (Linux: ``clear_refs``).
+
+    A benchmark that loads a model and then trains reads the training's own peak after this,
+    without the load's transient (a checkpoint read in float before it is quantized). None where
+    the kernel offers no reset.
+    """
+    before = peak_rss_mib()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return before
+
+
 def load_forward_child(env: Env, batch: int, length: int) -> None:
     """The memory floor: load the model, run one forward pass without gradients, report the peak."""
     model, _ = load_smollm(env)

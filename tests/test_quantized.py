@@ -49,6 +49,8 @@ def llama_dir(tmp_path_factory):
 def load(folder, kind: str | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if kind == "torchao-int8":
+        return torchao_int8(load(folder, None)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = bitsandbytes_config(kind) if kind else None
@@ -92,7 +94,7 @@ def randomize_dora(model: nn.Module) -> None:
 
 
 # -- numerics against HF PEFT, both directions through files ------------------------------------
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "torchao-int8"])
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_adapters_cross_with_peft_on_the_same_quantized_base(llama_dir, tmp_path, kind, method):
     torch.manual_seed(0)
@@ -460,3 +462,93 @@ def test_loftq_on_an_already_quantized_layer_says_how_to_start_from_float(llama_
         dt.get_peft_model(load(llama_dir, "nf4"), config)
     with pytest.raises(dt.ConfigError, match="loftq_bits must be 4"):
         dt.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 3})
+
+
+def test_quantizing_on_a_device_without_kernels_says_so():
+    from deltatune.quantization import check_device
+
+    with pytest.raises(QuantizationUnavailableError, match="no kernels for mps devices"):
+        check_device("nf4", torch.device("mps"))
+    check_device("none", torch.device("mps"))  # nothing to quantize: fine
+
+
+@pytest.mark.device
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_qlora_on_cuda_matches_peft_and_trains(llama_dir, tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    def cuda_base():
+        return AutoModelForCausalLM.from_pretrained(
+            llama_dir, dtype=torch.float32, quantization_config=bitsandbytes_config(kind), device_map={"": "cuda"}
+        ).eval()
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(cuda_base(), CONFIGS["lora"](peft))
+    theirs.save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(cuda_base(), tmp_path, is_trainable=True)
+    ids = IDS.cuda()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-4, rtol=1e-3)
+    ours.train()
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = ours(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# -- torchao's weight-only int8 ------------------------------------------------------------------
+def torchao_int8(model: nn.Module) -> nn.Module:
+    torchao = pytest.importorskip("torchao.quantization")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torchao.quantize_(
+            model,
+            torchao.Int8WeightOnlyConfig(),
+            filter_fn=lambda m, name: isinstance(m, nn.Linear) and "layers." in name,
+        )
+    return model
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """The same model with each torchao weight replaced by its dequantized float tensor: the reference."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, nn.Linear) and type(module.weight).__module__.startswith("torchao"):
+            module.weight = nn.Parameter(module.weight.dequantize().detach().clone(), requires_grad=False)
+    return plain
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_torchao_int8_base_equals_its_dequantized_float_model(llama_dir, tmp_path, method):
+    base = torchao_int8(load(llama_dir, None))
+    reference_base = dequantized_copy(base)
+    layer = base.model.layers[0].self_attn.q_proj
+    assert linear_base(layer).quantized and "int8" in linear_base(layer).describe()
+    torch.manual_seed(0)
+    ours = dt.get_peft_model(base, CONFIGS[method](dt))
+    randomize_dora(ours)
+    ours.save_pretrained(tmp_path)
+    reference = dt.PeftModel.from_pretrained(reference_base, tmp_path).eval()
+    torch.testing.assert_close(logits(ours.eval()), logits(reference), atol=1e-4, rtol=1e-4)
+    ours.train()
+    ours(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+
+def test_torchao_int8_merge_requantizes_and_reports_it(llama_dir, caplog):
+    torch.manual_seed(0)
+    model = dt.get_peft_model(torchao_int8(load(llama_dir, None)), CONFIGS["lora"](dt)).eval()
+    exact = logits(model)
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        merged = model.merge_and_unload()
+    assert "torchao Int8Tensor" in caplog.text and "rounding changed them by up to" in caplog.text
+    assert type(merged.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    assert (logits(merged) - exact).abs().max() < 0.05 * exact.abs().max()

@@ -29,7 +29,7 @@ from torch import nn
 
 QUANTIZED_LAYER_HINT = (
     "supported: nn.Linear, transformers' Conv1D, bitsandbytes Linear4bit (nf4/fp4) and Linear8bitLt "
-    "(load the model with transformers' BitsAndBytesConfig)"
+    "(load the model with transformers' BitsAndBytesConfig), and nn.Linear with torchao's int8 weight-only weights"
 )
 
 
@@ -215,6 +215,34 @@ def keep_trainable_layout(model: nn.Module) -> None:
             keep_layer_trainable(module)
 
 
+class TorchaoInt8Base(LinearBase):
+    """An ``nn.Linear`` whose weight torchao replaced with a weight-only int8 tensor (``quantize_(model,
+    Int8WeightOnlyConfig())``): one scale per output row; the weight tensor dequantizes itself."""
+
+    quantized = True
+    fusable = False
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.module.weight.dequantize()
+
+    def set_dense_weight(self, weight: torch.Tensor) -> float:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        dense = weight.detach().to(self.weight_dtype).reshape(self.out_features, self.in_features)
+        holder = nn.Sequential(nn.Linear(self.in_features, self.out_features, bias=False))
+        holder[0].weight = nn.Parameter(dense.clone(), requires_grad=False)
+        quantize_(holder, Int8WeightOnlyConfig())
+        self.module.weight = holder[0].weight
+        return float((self.dense_weight().float() - dense.float()).abs().max())
+
+    def describe(self) -> str:
+        return f"torchao {type(self.module.weight).__name__} (int8 weight-only)"
+
+
+def _torchao_weight(module: nn.Module) -> bool:
+    return type(getattr(module, "weight", None)).__module__.startswith("torchao")
+
+
 # (type, view class), most specific first; bitsandbytes' entries are added once it is imported.
 _KINDS: list[tuple[type[nn.Module], type[LinearBase]]] = [(nn.Linear, LinearBase)]
 _LOADERS: list[Callable[[], list[tuple[type[nn.Module], type[LinearBase]]]]] = []
@@ -257,7 +285,7 @@ def _kinds() -> list[tuple[type[nn.Module], type[LinearBase]]]:
 
 
 def linear_types() -> tuple[type[nn.Module], ...]:
-    """Every module type a layer method can wrap as a linear layer."""
+    """Every module type a layer method can wrap as a linear layer (torchao's int8 layers are ``nn.Linear``)."""
     return tuple(t for t, _ in _kinds())
 
 
@@ -268,6 +296,13 @@ def fusable_types() -> tuple[type[nn.Module], ...]:
 
 def linear_base(module: nn.Module) -> LinearBase:
     """The :class:`LinearBase` view of a frozen linear layer; a clear error for any other module."""
+    if isinstance(module, nn.Linear) and _torchao_weight(module):
+        if type(module.weight).__name__ != "Int8Tensor":
+            raise TypeError(
+                f"a Linear with a torchao {type(module.weight).__name__} weight: deltatune reads torchao's int8 "
+                f"weight-only tensors; {QUANTIZED_LAYER_HINT}"
+            )
+        return TorchaoInt8Base(module)
     for module_type, view in _kinds():
         if isinstance(module, module_type):
             return view(module)
@@ -282,7 +317,10 @@ def parameter_count(param: torch.Tensor) -> int:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return any(isinstance(module, t) and v.quantized for t, v in _kinds())
+    try:
+        return linear_base(module).quantized
+    except TypeError:
+        return False
 
 
 def looks_like_unsupported_quantized_linear(module: nn.Module) -> bool:

@@ -351,6 +351,8 @@ class LoraLinear(AdapterLayer):
         if B_module.bias is not None or name in modules["lora_magnitude_vector"]._parameters:
             return None
         A, B, weight, bias = A_module.weight, B_module.weight, base.weight, base.bias
+        if type(weight) not in _PLAIN_TENSORS:  # a quantized tensor subclass (torchao): the generic path
+            return None
         device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type  # x.device costs a microsecond
         if torch.is_autocast_enabled(device_type):
             # Autocast does not reach into an autograd function's backward: cast here, as autocast
@@ -603,7 +605,8 @@ class LoraEmbedding(AdapterLayer):
                 weight.sub_(self.get_delta_weight(name).to(weight.dtype))
 
 
-_FUSABLE = base_layers.fusable_types()  # dense weights the fused kernel can read as they are
+_FUSABLE = base_layers.fusable_types()
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)  # dense weights the fused kernel can read as they are
 _AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
 
