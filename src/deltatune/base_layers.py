@@ -316,6 +316,12 @@ def parameter_count(param: torch.Tensor) -> int:
     return param.numel()
 
 
+def unquantized_bytes(param: torch.Tensor) -> int:
+    """What a parameter takes unquantized, as a full float32 checkpoint stores a 4-bit or int8 weight."""
+    quantized = type(param).__name__ in ("Params4bit", "Int8Params")
+    return parameter_count(param) * (4 if quantized else param.element_size())
+
+
 def is_quantized(module: nn.Module) -> bool:
     try:
         return linear_base(module).quantized

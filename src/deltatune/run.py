@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from deltatune import data as datasets
+from deltatune.base_layers import parameter_count, unquantized_bytes
 from deltatune.config import PeftConfig
 from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
 from deltatune.peft_model import PeftModel, get_peft_model
@@ -645,7 +646,7 @@ def _train(
             "device": device.type,
             "precision": precision,
             "adapter_bytes": _folder_bytes(output / f"checkpoint-{result['steps']}" / "trained"),
-            "full_model_bytes": sum(_float_bytes(p) for p in _base_parameters(trained)),
+            "full_model_bytes": sum(unquantized_bytes(p) for p in _base_parameters(trained)),
             "quantization": quantize,
             "base_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
             "optimizer": options.get("optim", "adamw"),
@@ -727,18 +728,8 @@ def _device(choice: str, distributed: Distributed) -> torch.device:
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
-    from deltatune.base_layers import parameter_count
-
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     return trainable, sum(parameter_count(p) for p in model.parameters())
-
-
-def _float_bytes(param: torch.Tensor) -> int:
-    """What the parameter takes unquantized: a full checkpoint's share (4-bit and int8 weights at float32)."""
-    from deltatune.base_layers import parameter_count
-
-    quantized = type(param).__name__ in ("Params4bit", "Int8Params")
-    return parameter_count(param) * (4 if quantized else param.element_size())
 
 
 def _base_parameters(model: nn.Module) -> list[nn.Parameter]:
