@@ -552,3 +552,35 @@ def test_torchao_int8_merge_requantizes_and_reports_it(llama_dir, caplog):
     assert "torchao Int8Tensor" in caplog.text and "rounding changed them by up to" in caplog.text
     assert type(merged.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
     assert (logits(merged) - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_a_loftq_adapter_loads_onto_the_4bit_base_it_was_made_for(llama_dir, tmp_path):
+    """LoftQ's workflow: initialise on the float model, save the quantized-then-dequantized base and
+    the adapter, load that base in nf4 and the adapter onto it: the start the float model had."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = dt.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="loftq", loftq_config={"loftq_bits": 4}
+    )
+    start = dt.get_peft_model(load(llama_dir, None), config).eval()
+    expected = logits(start)
+    start.save_pretrained(tmp_path / "adapter")
+    start.unload().save_pretrained(tmp_path / "base")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, device_map="cpu")
+    loaded = dt.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True).eval()
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_requantizing_an_8bit_layer_keeps_its_outlier_threshold():
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(torch.randn(64, 64), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu")
+    view = linear_base(layer)
+    view.set_dense_weight(view.dense_weight() * 1.5)
+    assert layer.state.threshold == 6.0 and not layer.state.has_fp16_weights
+    assert layer(torch.randn(2, 64)).shape == (2, 64)

@@ -182,11 +182,14 @@ class Bnb8bitBase(LinearBase):
 
         device = self.module.weight.device
         dense = weight.detach().reshape(self.out_features, self.in_features)
-        new = bnb.nn.Int8Params(dense.to("cpu") if device.type == "cpu" else dense, requires_grad=False)
-        self.module.weight = new.to(device)  # quantizes: int8 codes and row scales
-        self.module.state = bnb.MatmulLtState()
-        self.module.state.threshold = getattr(self.module, "threshold", 0.0) or 0.0
-        self.module.state.has_fp16_weights = False
+        # Int8Params quantizes when moved off the CPU (or to it): start from the CPU on every device.
+        new = bnb.nn.Int8Params(dense.to("cpu"), requires_grad=False)
+        self.module.weight = new.to(device)  # int8 codes and row scales
+        old_state = self.module.state
+        state = bnb.MatmulLtState()
+        state.threshold, state.use_pool = old_state.threshold, old_state.use_pool  # LLM.int8()'s outlier split
+        state.has_fp16_weights = False
+        self.module.state = state
         return float((self.dense_weight().float() - dense.float()).abs().max())
 
     def describe(self) -> str:

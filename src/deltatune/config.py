@@ -108,6 +108,11 @@ class PeftConfig:
         """True for methods that change the model's inputs rather than its layers."""
         return False
 
+    def for_loading(self) -> PeftConfig:
+        """The config to build an adapter whose trained weights come from a file next (a method whose
+        initialisation rewrites the base, such as LoftQ, must not run it again)."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict: the always-written fields plus every non-default field."""
         out: dict[str, Any] = {}

@@ -517,7 +517,7 @@ class PeftModel(nn.Module):
         """Load a saved adapter (deltatune's or HF PEFT's) onto ``model``."""
         directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         config = config if config is not None else PeftConfig.from_pretrained(directory)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        config = dataclasses.replace(config, inference_mode=not is_trainable).for_loading()
         peft_model = cls(model, config, adapter_name)
         try:
             peft_model._load_weights(directory, adapter_name, allow_pickle)
@@ -539,7 +539,7 @@ class PeftModel(nn.Module):
         """Load a saved adapter next to the existing ones (inactive until :meth:`set_adapter`)."""
         directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config.for_loading())
         try:
             self._load_weights(directory, adapter_name, allow_pickle)
         except Exception:

@@ -148,6 +148,12 @@ class LoraConfig(PeftConfig):
         if self.use_dora and str(init).startswith("pissa"):
             raise ConfigError("PiSSA initialisation with DoRA is not defined; choose one of them")
 
+    def for_loading(self) -> PeftConfig:
+        # The base a LoftQ adapter is loaded onto already holds the quantized weights (float or 4-bit).
+        if self.init_lora_weights == "loftq":
+            return dataclasses.replace(self, init_lora_weights=True)
+        return self
+
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """``r`` and ``lora_alpha`` for one module, after ``rank_pattern`` / ``alpha_pattern``."""
         return (
@@ -258,6 +264,8 @@ class LoraLinear(AdapterLayer):
         A, B, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
         r = A.out_features
         weight = self._weight().float()
+        if r > min(weight.shape):
+            raise ConfigError(f"LoftQ rank r={r} exceeds this layer's smaller side ({min(weight.shape)}); lower r")
         residual = weight
         for step in range(config["loftq_iter"]):
             quantized = quantize_round_trip(residual, config["loftq_bits"])
