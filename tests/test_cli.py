@@ -229,7 +229,7 @@ def test_eval_every_below_one_is_a_fraction_of_the_steps(assets, tmp_path):
     evals = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r.get("split") == "validation"]
     assert evals == [2, 4, 6, 8]
     result = invoke(*train_args(assets, tmp_path / "odd", "--eval-every", "1.5", "--eval-data", assets.cls_eval_csv))
-    assert result.exit_code != 0 and "eval_every is a number of steps or a fraction below 1" in result.output
+    assert result.exit_code != 0 and "--eval-every 1.5: give a number of steps, or a fraction" in result.output
 
 
 def test_train_writes_adapter_metrics_curves_summary(assets, trained_run):

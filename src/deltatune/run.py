@@ -437,6 +437,9 @@ def check_options(options: dict[str, Any], given: Collection[str]) -> None:
                     f"--{key.replace('_', '-')} needs validation data, and {options['data']} has no validation "
                     "split: pass --eval-data FILE"
                 )
+    every = options.get("eval_every") or 0
+    if every >= 1 and every != int(every):
+        raise ValueError(f"--eval-every {every}: give a number of steps, or a fraction of the steps below 1")
     if options.get("early_stopping_patience") and not options.get("eval_every"):
         raise ValueError("--early-stopping-patience needs --eval-every N (evaluations during training to compare)")
     for key, methods in METHOD_OPTIONS.items():

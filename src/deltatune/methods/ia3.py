@@ -260,12 +260,13 @@ class IA3Linear(AdapterLayer):
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         view, base = self.base, self.base_layer
+        self.rounding_error = 0.0
         for name in names:
             if name in self.merged_adapters or name not in self.ia3_l:
                 continue
             scale = self._dense_scale(name)
             original = view.dense_weight()
-            weight = (original * scale.to(original.dtype)).to(original.dtype)
+            weight = (original * scale).to(original.dtype)  # the product in float32, as the forward computes it
             bias = None
             if base.bias is not None and not self.is_feedforward[name]:
                 bias = (base.bias * self.ia3_l[name].detach().flatten()).to(base.bias.dtype)
@@ -274,7 +275,7 @@ class IA3Linear(AdapterLayer):
             if (scale == 0).any():
                 old_bias = base.bias.detach().clone() if base.bias is not None else None
                 self._merge_backup[name] = (original.detach().clone(), old_bias)
-            self.rounding_error = view.set_dense_weight(weight)
+            self.rounding_error = max(self.rounding_error, view.set_dense_weight(weight))
             if bias is not None:
                 with torch.no_grad():
                     base.bias.copy_(bias)
@@ -282,17 +283,19 @@ class IA3Linear(AdapterLayer):
 
     def unmerge(self) -> None:
         view, base = self.base, self.base_layer
+        self.rounding_error = 0.0
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self._merge_backup:
                 weight, bias = self._merge_backup.pop(name)
-                self.rounding_error = view.set_dense_weight(weight)
+                self.rounding_error = max(self.rounding_error, view.set_dense_weight(weight))
                 if bias is not None:
                     with torch.no_grad():
                         base.bias.copy_(bias)
                 continue
             merged = view.dense_weight()
-            self.rounding_error = view.set_dense_weight(merged / self._dense_scale(name).to(merged.dtype))
+            restored = (merged / self._dense_scale(name)).to(merged.dtype)
+            self.rounding_error = max(self.rounding_error, view.set_dense_weight(restored))
             if base.bias is not None and not self.is_feedforward[name]:
                 with torch.no_grad():
                     base.bias.copy_((base.bias / self.ia3_l[name].detach().flatten()).to(base.bias.dtype))

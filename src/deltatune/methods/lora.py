@@ -288,7 +288,7 @@ class LoraLinear(AdapterLayer):
         return self.base.dense_weight()
 
     def _set_weight(self, weight: torch.Tensor) -> None:
-        self.rounding_error = self.base.set_dense_weight(weight)
+        self.rounding_error = max(self.rounding_error, self.base.set_dense_weight(weight))
 
     def _delta(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in (out, in) orientation."""
@@ -466,6 +466,7 @@ class LoraLinear(AdapterLayer):
 
     # -- merging --------------------------------------------------------------------------------
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        self.rounding_error = 0.0  # the largest over the adapters this call merges
         for name in names:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
@@ -481,6 +482,7 @@ class LoraLinear(AdapterLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        self.rounding_error = 0.0
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight = self._weight()
