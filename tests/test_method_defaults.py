@@ -77,7 +77,7 @@ RUN_DEFAULTS = {"batch_size": 8, "max_steps": 70}  # the command line's own
 
 
 def test_a_task_sets_its_budget_for_every_method_and_a_flag_still_wins():
-    from deltatune.run import with_method_defaults
+    from deltatune.run_options import with_method_defaults
     from deltatune.tasks import task_training_defaults
 
     budget = task_training_defaults("seq-cls")
@@ -94,7 +94,7 @@ def test_a_task_sets_its_budget_for_every_method_and_a_flag_still_wins():
 
 def test_a_methods_value_for_a_task_beats_the_tasks_and_its_own():
     from deltatune.registry import TrainingDefaults, register_training_defaults
-    from deltatune.run import with_method_defaults
+    from deltatune.run_options import with_method_defaults
 
     register_training_defaults(
         "probe-method", TrainingDefaults(lr=1e-3, tasks={"seq-cls": {"lr": 4e-3, "batch_size": 32}})

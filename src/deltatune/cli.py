@@ -123,7 +123,7 @@ class MethodDefault(click.Option):
 
     def get_help_extra(self, ctx: click.Context) -> Any:
         from deltatune.registry import trainable_methods
-        from deltatune.run import METHOD_FALLBACKS, METHOD_OPTIONS
+        from deltatune.run_options import METHOD_FALLBACKS, METHOD_OPTIONS
 
         by_value: dict[str, list[str]] = {}
         for method, defaults in trainable_methods().items():

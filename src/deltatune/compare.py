@@ -94,7 +94,7 @@ def parse_methods(text: str) -> list[str]:
 
 def default_lr(method: str, task_kind: str) -> float:
     """The rate ``train --method`` would use on this task: the centre of the sweep."""
-    from deltatune.run import with_method_defaults
+    from deltatune.run_options import with_method_defaults
 
     return with_method_defaults({"method": method}, (), task_kind)["lr"]
 

@@ -1,0 +1,238 @@
+"""What ``deltatune train``'s options mean: which methods each applies to, the defaults a method or a
+task supplies for those not given, the checks made before anything loads, and the adapter config
+they describe.
+
+A method's and a task's own values live with them (:func:`deltatune.registry.training_defaults`,
+:func:`deltatune.tasks.task_training_defaults`); this module only says in which order they apply.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Collection
+from typing import Any
+
+from torch import nn
+
+from deltatune import data as datasets
+from deltatune.config import PeftConfig
+
+logger = logging.getLogger("deltatune")
+
+# The methods each method-specific option applies to; given for another method, it is reported unused.
+METHOD_OPTIONS = {
+    "r": ("lora", "dora"),
+    "alpha": ("lora", "dora"),
+    "dropout": ("lora", "dora"),
+    "use_rslora": ("lora", "dora"),
+    "init_lora_weights": ("lora", "dora"),
+    "targets": ("lora", "dora", "ia3"),
+    "exclude_modules": ("lora", "dora", "ia3"),
+    "layers_to_transform": ("lora", "dora", "ia3", "adapter"),
+    "modules_to_save": ("lora", "dora", "ia3", "adapter"),
+    "virtual_tokens": ("prefix", "prompt", "ptuning"),
+    "virtual_init": ("prefix", "prompt", "ptuning"),
+    "prefix_projection": ("prefix",),
+    "encoder_hidden_size": ("prefix", "ptuning"),
+    "encoder_type": ("ptuning",),
+    "prompt_init_text": ("prefix", "prompt", "ptuning"),
+    "reduction_factor": ("adapter",),
+    "placement": ("adapter",),
+}
+# Options whose default is the method's own (deltatune.registry.training_defaults); these values
+# serve a method whose module names none.
+METHOD_DEFAULTED = ("lr", "warmup", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
+METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor")
+METHOD_FALLBACKS: dict[str, Any] = {
+    "lr": 5e-4,
+    "warmup": 0.05,
+    "targets": "all-linear",
+    "virtual_tokens": 20,
+    "virtual_init": "random",
+    "prefix_projection": False,
+    "encoder_hidden_size": None,
+    "encoder_type": "MLP",
+    "reduction_factor": 16,
+}
+# Options a task kind may set for every method (deltatune.tasks.task_training_defaults); otherwise
+# the command line's default stands.
+TASK_DEFAULTED = ("batch_size", "max_steps")
+LABEL_GENERATION_OPTIONS = ("label_words", "instruction", "system")
+TASK_METRICS = {
+    "label-generation": ("accuracy", "macro_f1", "exact_match", "loss"),
+    "seq-cls": ("accuracy", "macro_f1", "loss"),
+    "causal-lm": ("loss", "perplexity"),
+    "seq2seq": ("loss", "perplexity"),
+}
+VALIDATION_OPTIONS = ("eval_every", "max_eval", "metric_for_best", "early_stopping_patience")
+
+
+# -- defaults and checks -------------------------------------------------------------------------
+def with_method_defaults(
+    options: dict[str, Any], given: Collection[str], task_kind: str | None = None
+) -> dict[str, Any]:
+    """``options`` with each defaulted option the user did not give set to its default for this method
+    and task: the method's value for the task, else the task's (``task_training_defaults``), else the
+    method's own, else the run's (``METHOD_FALLBACKS``, or the command line's default)."""
+    from deltatune.registry import training_defaults
+    from deltatune.tasks import task_training_defaults
+
+    defaults = training_defaults(options["method"])
+    for_task = task_training_defaults(task_kind) if task_kind else {}
+    resolved = dict(options)
+    for key in METHOD_DEFAULTED + TASK_DEFAULTED:
+        if key in given and resolved.get(key) is not None:
+            continue
+        method_sets, value = defaults.for_task(task_kind, key) if task_kind else (False, None)
+        if method_sets:
+            resolved[key] = value
+        elif key in for_task:
+            resolved[key] = for_task[key]
+        elif key in METHOD_DEFAULTED:
+            resolved[key] = defaults.get(key, METHOD_FALLBACKS[key])
+    return resolved
+
+
+# -- checks before anything is loaded -----------------------------------------------------------
+def check_options(options: dict[str, Any], given: Collection[str]) -> None:
+    """Options that cannot apply: errors where the run would differ from what the user asked (validation
+    options without validation data), warnings where they are merely unused (another method's option)."""
+    quantize = options.get("quantize") or "none"
+    if quantize != "none" and options["method"] == "full":
+        raise ValueError(
+            f"--quantize {quantize} freezes the base in {quantize}, and --method full trains every weight: "
+            "use a PEFT method (QLoRA: --method lora) or --quantize none"
+        )
+    if quantize != "none" and options.get("fsdp"):
+        raise ValueError(f"--quantize {quantize} is not supported with --fsdp (bitsandbytes weights cannot be sharded)")
+    if options.get("resume") and options.get("overwrite"):
+        raise ValueError("--resume continues the run in --output and --overwrite replaces it: give one of them")
+    builtin = options["data"] in datasets.BUILTIN_DATASETS
+    has_validation = bool(options.get("eval_data")) or (
+        builtin and "validation" in datasets.BUILTIN_DATASETS[options["data"]].splits
+    )
+    if not has_validation:
+        for key in VALIDATION_OPTIONS:
+            if key in given:
+                raise ValueError(
+                    f"--{key.replace('_', '-')} needs validation data, and {options['data']} has no validation "
+                    "split: pass --eval-data FILE"
+                )
+    every = options.get("eval_every") or 0
+    if every >= 1 and every != int(every):
+        raise ValueError(f"--eval-every {every}: give a number of steps, or a fraction of the steps below 1")
+    if options.get("early_stopping_patience") and not options.get("eval_every"):
+        raise ValueError("--early-stopping-patience needs --eval-every N (evaluations during training to compare)")
+    for key, methods in METHOD_OPTIONS.items():
+        if key in given and options["method"] not in methods:
+            logger.warning(
+                "--%s applies to --method %s, not %s; ignored",
+                key.replace("_", "-"),
+                "/".join(methods),
+                options["method"],
+            )
+
+
+# -- the adapter config ---------------------------------------------------------------------------
+def _names(text: str | None) -> list[str] | None:
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return names or None
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``--layers-to-transform 0,1,4-7`` -> [0, 1, 4, 5, 6, 7]."""
+    if not text:
+        return None
+    layers: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        found = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not found:
+            raise ValueError(f"--layers-to-transform {text!r}: {part!r} is not a layer number or a range like 4-7")
+        first, last = int(found.group(1)), int(found.group(2) or found.group(1))
+        layers += range(first, last + 1)
+    return sorted(set(layers))
+
+
+def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
+    """The adapter config for ``--method`` (None for full fine-tuning)."""
+    from deltatune import BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+    from deltatune.methods.ia3 import IA3Config
+
+    task_type = {"seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(task_kind, "CAUSAL_LM")
+    method = options["method"]
+    targets = options["targets"]
+    target_modules: Any = targets if targets in (None, "all-linear") else _names(targets)
+    tokens = options["virtual_tokens"]
+    narrowing = {
+        "layers_to_transform": parse_layers(options.get("layers_to_transform")),
+        "modules_to_save": _names(options.get("modules_to_save")),
+    }
+    if method in ("lora", "dora"):
+        init = str(options.get("init_lora_weights") or "true")
+        return LoraConfig(
+            r=options["r"],
+            lora_alpha=options["alpha"],
+            lora_dropout=options["dropout"],
+            target_modules=target_modules,
+            exclude_modules=_names(options.get("exclude_modules")),
+            use_dora=method == "dora",
+            use_rslora=bool(options.get("use_rslora")),
+            init_lora_weights={"true": True, "false": False}.get(init.lower(), init),
+            task_type=task_type,
+            **narrowing,
+        )
+    if method == "ia3":
+        return IA3Config(
+            target_modules=target_modules,
+            exclude_modules=_names(options.get("exclude_modules")),
+            task_type=task_type,
+            **narrowing,
+        )
+    if method == "prompt":  # "task": the table is set from the task's words after the model is wrapped
+        init = {"vocab": "SAMPLE_VOCAB"}.get(options.get("virtual_init") or "", "RANDOM")
+        return PromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init=init, task_type=task_type)
+    if method == "ptuning":
+        return PromptEncoderConfig(
+            num_virtual_tokens=tokens,
+            encoder_hidden_size=options.get("encoder_hidden_size") or 128,
+            encoder_reparameterization_type=options.get("encoder_type") or "MLP",
+            task_type=task_type,
+        )
+    if method == "prefix":
+        return PrefixTuningConfig(
+            num_virtual_tokens=tokens,
+            prefix_projection=bool(options.get("prefix_projection")),
+            encoder_hidden_size=options.get("encoder_hidden_size"),
+            task_type=task_type,
+        )
+    if method == "adapter":
+        return BottleneckConfig(
+            reduction_factor=options["reduction_factor"],
+            placement=options["placement"],
+            task_type=task_type,
+            **narrowing,
+        )
+    return None
+
+
+def check_targets(model: nn.Module, options: dict[str, Any]) -> None:
+    """Each ``--targets`` / ``--exclude-modules`` / ``--modules-to-save`` entry must name a module."""
+    names = [name for name, _ in model.named_modules() if name]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
+    flags = {"targets": "--targets", "exclude_modules": "--exclude-modules", "modules_to_save": "--modules-to-save"}
+    for key, flag in flags.items():
+        if key not in METHOD_OPTIONS or options["method"] not in METHOD_OPTIONS[key]:
+            continue
+        value = options.get(key)
+        if not value or value == "all-linear":
+            continue
+        for entry in _names(value) or []:
+            if not any(name == entry or name.endswith("." + entry) for name in names):
+                close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.4)
+                raise ValueError(
+                    f"{flag}: {entry!r} matches no module of {options['model']}"
+                    + (f"; closest names: {', '.join(close)}" if close else "")
+                    + f"; module names: {', '.join(leaves[:30])}"
+                )
