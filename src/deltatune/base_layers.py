@@ -248,12 +248,15 @@ def _torchao_weight(module: nn.Module) -> bool:
 
 # (type, view class), most specific first; bitsandbytes' entries are added once it is imported.
 _KINDS: list[tuple[type[nn.Module], type[LinearBase]]] = [(nn.Linear, LinearBase)]
-_LOADERS: list[Callable[[], list[tuple[type[nn.Module], type[LinearBase]]]]] = []
 
 
 def register_linear_base(module_type: type[nn.Module], view: type[LinearBase]) -> None:
     """Teach every layer method a new kind of frozen linear layer (a quantization backend)."""
     _KINDS.insert(0, (module_type, view))
+
+
+# Each returns the kinds it adds, or None while it cannot tell yet (bitsandbytes not imported).
+_Loader = Callable[[], "list[tuple[type[nn.Module], type[LinearBase]]] | None"]
 
 
 def _conv1d() -> list[tuple[type[nn.Module], type[LinearBase]]]:
@@ -264,26 +267,24 @@ def _conv1d() -> list[tuple[type[nn.Module], type[LinearBase]]]:
     return [(Conv1D, Conv1DBase)]
 
 
-def _bitsandbytes() -> list[tuple[type[nn.Module], type[LinearBase]]]:
+def _bitsandbytes() -> list[tuple[type[nn.Module], type[LinearBase]]] | None:
     # Only once the process imported it: a model that holds its layers did.
     if "bitsandbytes" not in sys.modules:
-        return []
+        return None
     import bitsandbytes as bnb
 
     return [(bnb.nn.Linear4bit, Bnb4bitBase), (bnb.nn.Linear8bitLt, Bnb8bitBase)]
 
 
-_LOADERS += [_conv1d, _bitsandbytes]
-_loaded: set[int] = set()
+_PENDING: list[_Loader] = [_conv1d, _bitsandbytes]
 
 
 def _kinds() -> list[tuple[type[nn.Module], type[LinearBase]]]:
-    for loader in _LOADERS:
-        if id(loader) not in _loaded:
-            found = loader()
-            if found or loader is _conv1d:
-                _loaded.add(id(loader))
-                _KINDS[:0] = found
+    for loader in list(_PENDING):
+        found = loader()
+        if found is not None:
+            _PENDING.remove(loader)
+            _KINDS[-1:-1] = found  # ahead of the nn.Linear catch-all (Linear4bit subclasses it), behind registered ones
     return _KINDS
 
 

@@ -195,7 +195,6 @@ class LoraLinear(AdapterLayer):
         # The largest change that requantizing the base weight made in the last merge/unmerge/init
         # (0 on a float base): what a merge into a 4-bit or 8-bit base cost.
         self.rounding_error = 0.0
-        self._loftq_settings: dict[str, dict[str, int]] = {}
 
     # -- construction ---------------------------------------------------------------------------
     def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
@@ -207,15 +206,13 @@ class LoraLinear(AdapterLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scale(alpha, r, config.use_rslora)
-        if config.init_lora_weights == "loftq":
-            self._loftq_settings[name] = {"loftq_bits": 4, "loftq_iter": 1, **config.loftq_config}
-        self._init_weights(name, config.init_lora_weights)
+        self._init_weights(name, config.init_lora_weights, config.loftq_config)
         if config.use_dora:
             with torch.no_grad():
                 norm = self._row_norm(self._weight(), self._delta(name))
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(factory["dtype"]))
 
-    def _init_weights(self, name: str, init: bool | str) -> None:
+    def _init_weights(self, name: str, init: bool | str, loftq_config: dict[str, int] | None = None) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         with torch.no_grad():
             if B.bias is not None:
@@ -228,7 +225,7 @@ class LoraLinear(AdapterLayer):
                 self._pissa_init(name, init)
                 return
             elif init == "loftq":
-                self._loftq_init(name)
+                self._loftq_init(name, {"loftq_bits": 4, "loftq_iter": 1, **(loftq_config or {})})
                 return
             else:
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
@@ -251,10 +248,9 @@ class LoraLinear(AdapterLayer):
         residual = weight - scale * (B.weight.float() @ A.weight.float())
         self._set_weight(residual)
 
-    def _loftq_init(self, name: str) -> None:
+    def _loftq_init(self, name: str, config: dict[str, int]) -> None:
         from deltatune.quantization import quantize_round_trip
 
-        config = self._loftq_settings[name]
         if self.base.quantized:
             raise ConfigError(
                 f"init_lora_weights='loftq' starts from the float weights, but this layer is {self.base.describe()}: "
