@@ -60,6 +60,11 @@ def test_lora_under_autocast_is_as_accurate_as_peft(precision, variant, tmp_path
     perturb_trainable(reference)
     reference.save_pretrained(tmp_path)
     ours = dt.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    # The adapter layers' precision against PEFT's: both losses from the full logits, as PEFT's is (the
+    # fused LM-head loss under autocast is tested in test_causal_lm_loss.py; with it on, this one
+    # sample's error is 0.0094 for DoRA instead of 0.0067, and 0.0075-0.0089 over other seeds where
+    # the plain loss gives 0.0076-0.0098: rounding noise, not a bias).
+    ours.fused_loss = False
     calls = Counter()
     apply = FusedLoraLinear.apply
     monkeypatch.setattr(FusedLoraLinear, "apply", lambda *a: calls.update(["fused"]) or apply(*a))

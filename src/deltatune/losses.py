@@ -41,8 +41,14 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats, 64 MiB in float32
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
 
 
-def _chunked(hidden, weight, bias, targets, chunk_rows, want_hidden, want_weight, want_bias):  # noqa: ANN001, ANN202
-    """The summed loss and, as asked, its gradients: ``chunk_rows`` rows of logits at a time."""
+def _chunked(  # noqa: ANN202
+    hidden, weight, bias, targets, chunk_rows, want_hidden, want_weight, want_bias, logits_out=None  # noqa: ANN001
+):
+    """The summed loss and, as asked, its gradients: ``chunk_rows`` rows of logits at a time.
+
+    Rows whose target is ``IGNORE_INDEX`` add nothing to the loss and get no gradient; with
+    ``logits_out`` (N, V) every row's logits are also written there, in the head's dtype.
+    """
     total = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if want_hidden else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
@@ -50,13 +56,23 @@ def _chunked(hidden, weight, bias, targets, chunk_rows, want_hidden, want_weight
     for start in range(0, hidden.shape[0], chunk_rows):
         h = hidden[start : start + chunk_rows]
         t = targets[start : start + chunk_rows]
-        logits = F.linear(h, weight, bias).float()
+        raw = F.linear(h, weight, bias)
+        if logits_out is not None:
+            logits_out[start : start + chunk_rows] = raw
+        logits = raw.float()
         lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        ignored = t == IGNORE_INDEX
+        some_ignored = bool(ignored.any())
+        picked = t.masked_fill(ignored, 0) if some_ignored else t
+        per_row = lse - logits.gather(1, picked[:, None]).squeeze(1)
+        total += per_row.masked_fill_(ignored, 0.0).sum() if some_ignored else per_row.sum()
         if not (want_hidden or want_weight or want_bias):
             continue
         probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-        probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+        labelled = (~ignored).nonzero().squeeze(1) if some_ignored else torch.arange(len(t), device=t.device)
+        probs[labelled, t[labelled]] -= 1.0  # d loss / d logits
+        if some_ignored:
+            probs.masked_fill_(ignored[:, None], 0.0)
         if want_hidden:
             grad_hidden[start : start + chunk_rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         if want_weight:
@@ -91,6 +107,55 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
+class LinearCrossEntropyWithLogits(torch.autograd.Function):
+    """:class:`FusedLinearCrossEntropy` that also returns every row's logits, themselves differentiable.
+
+    The loss's gradients are made in forward as there; a gradient that reaches the returned logits
+    (a caller's own term on them) flows back through the head in backward. Logits nobody uses get
+    no gradient and cost nothing in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden, weight, bias, targets, chunk_rows):  # noqa: ANN001, ANN205
+        wants = ctx.needs_input_grad[:2] + (bias is not None and ctx.needs_input_grad[2],)
+        logits = hidden.new_empty((hidden.shape[0], weight.shape[0]), dtype=torch.result_type(hidden, weight))
+        total, *grads = _chunked(hidden, weight, bias, targets, chunk_rows, *wants, logits_out=logits)
+        ctx.save_for_backward(hidden, weight, *grads)
+        ctx.wants = wants
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        return total, logits
+
+    @staticmethod
+    def backward(ctx: Any, grad_total, grad_logits):  # noqa: ANN001, ANN205
+        hidden, weight, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        want_hidden, want_weight, want_bias = ctx.wants
+        out_hidden = out_weight = out_bias = None
+        if grad_total is not None:
+            scale = grad_total.float()
+            out_hidden = grad_hidden * scale.to(grad_hidden.dtype) if want_hidden else None
+            out_weight = grad_weight * scale if want_weight else None
+            out_bias = grad_bias * scale if want_bias else None
+        if grad_logits is not None:
+            g = grad_logits.to(weight.dtype)
+            if want_hidden:
+                through = (g @ weight).to(hidden.dtype)
+                out_hidden = through if out_hidden is None else out_hidden.add_(through)
+            if want_weight:
+                through = g.T.float() @ hidden.float()
+                out_weight = through if out_weight is None else out_weight.add_(through)
+            if want_bias:
+                through = g.float().sum(0)
+                out_bias = through if out_bias is None else out_bias.add_(through)
+        return (
+            out_hidden,
+            out_weight.to(weight.dtype) if out_weight is not None else None,
+            out_bias.to(ctx.bias_dtype) if out_bias is not None else None,
+            None,
+            None,
+        )
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -102,8 +167,7 @@ def fused_linear_cross_entropy(
 
     Equal to ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")``
     and to its gradients within float rounding, with at most ``chunk_rows x V`` logits at a time
-    (default: 16M logits per chunk). Targets equal to -100 are not allowed: select the labelled rows
-    first.
+    (default: 16M logits per chunk). Rows whose target is -100 are left out.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
@@ -255,3 +319,104 @@ class HeadLoss:
             )
         self.verdicts[head] = ok
         return ok, plain, ours
+
+
+class CausalLMLoss:
+    """A causal LM's ``forward(labels=...)`` with its loss made by the fused head, when gradients are on.
+
+    transformers' causal-LM loss is the mean cross-entropy of ``logits[:, :-1]`` against
+    ``labels[:, 1:]`` (-100: no label), or their sum over ``num_items_in_batch`` when the Trainer
+    passes it (gradient accumulation). Computed from the full logits, it keeps them, their
+    log-softmax and, in backward, two more tensors of that size (49k vocabulary x 512 tokens: 100 MB
+    each). Here the model runs without labels and with its head passing the hidden states through;
+    :class:`LinearCrossEntropyWithLogits` then makes the same loss, and the same logits for the
+    output, in chunks.
+
+    It applies only where that is the same computation: no ``shift_labels`` / ``ignore_index`` /
+    ``logits_to_keep``, a plain head (:func:`plain_head`), a loss function the user has not
+    replaced, and, checked once per model on its first batch (eval mode, no gradients), the
+    model's own loss and logits equal to these. Anything else runs the model's own forward.
+    """
+
+    def __init__(self) -> None:
+        self.verdicts: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+    def __call__(
+        self, model: nn.Module, kwargs: dict[str, Any], run: Callable[[dict[str, Any]], Any] | None = None
+    ) -> Any:
+        """``run(kwargs)`` (default: ``model(**kwargs)``), through the fused head where it applies.
+
+        ``run`` is the whole forward from these arguments (a wrapper's input preparation included):
+        the first batch's check calls it more than once, and stateful arguments such as a prefix's
+        key/value cache must be made afresh each time.
+        """
+        run = run or (lambda given: model(**given))
+        head = self._head(model, kwargs) if torch.is_grad_enabled() else None
+        if head is None or not self._agrees(model, head, kwargs, run):
+            return run(kwargs)
+        out = self._fused(head, kwargs, run)
+        return out if out is not None else run(kwargs)
+
+    @staticmethod
+    def _fused(head: nn.Linear, kwargs: dict[str, Any], run: Callable[[dict[str, Any]], Any]) -> Any:
+        with head_passes_hidden_states(head):
+            out = run({k: v for k, v in kwargs.items() if k != "labels"})
+        hidden = out.logits
+        labels = kwargs["labels"].to(hidden.device)
+        if hidden.dim() != 3 or hidden.shape[0] != labels.shape[0] or hidden.shape[1] < labels.shape[1]:
+            return None
+        if hidden.shape[1] > labels.shape[1]:  # virtual tokens in front (prompt tuning): no labels there
+            labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+        rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if torch.is_grad_enabled():
+            total, logits = LinearCrossEntropyWithLogits.apply(flat, head.weight, head.bias, targets, rows)
+        else:
+            logits = flat.new_empty((flat.shape[0], head.weight.shape[0]), dtype=torch.result_type(flat, head.weight))
+            total = _chunked(flat, head.weight, head.bias, targets, rows, False, False, False, logits_out=logits)[0]
+        items = kwargs.get("num_items_in_batch")
+        if items is None:
+            loss = total / (targets != IGNORE_INDEX).sum()
+        else:
+            loss = total / (items.to(total.device) if torch.is_tensor(items) else items)
+        fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+        return type(out)(loss=loss, logits=logits.reshape(*hidden.shape[:-1], -1), **fields)
+
+    def _agrees(
+        self, model: nn.Module, head: nn.Linear, kwargs: dict[str, Any], run: Callable[[dict[str, Any]], Any]
+    ) -> bool:
+        if head in self.verdicts:
+            return self.verdicts[head]
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                plain = run(kwargs)
+                try:
+                    ours = self._fused(head, kwargs, run)
+                except (RuntimeError, ValueError, TypeError, IndexError):  # e.g. an encoder-decoder needs labels
+                    ours = None
+        finally:
+            model.train(training)
+        plain_loss, plain_logits = getattr(plain, "loss", None), getattr(plain, "logits", None)
+        ok = ours is not None and plain_loss is not None and plain_logits is not None
+        ok = ok and ours.logits.shape == plain_logits.shape
+        ok = ok and bool(torch.isclose(ours.loss.float(), plain_loss.float(), rtol=1e-4, atol=1e-5))
+        ok = ok and bool(torch.isclose(ours.logits.float(), plain_logits.float(), rtol=1e-2, atol=1e-3).all())
+        self.verdicts[head] = ok
+        return ok
+
+    @staticmethod
+    def _head(model: nn.Module, kwargs: dict[str, Any]) -> nn.Linear | None:
+        labels = kwargs.get("labels")
+        if not (torch.is_tensor(labels) and labels.dim() == 2 and labels.dtype == torch.long):
+            return None
+        if kwargs.get("shift_labels") is not None or kwargs.get("ignore_index", IGNORE_INDEX) != IGNORE_INDEX:
+            return None
+        if kwargs.get("logits_to_keep") not in (None, 0) or kwargs.get("return_dict") is False:
+            return None
+        config = getattr(model, "config", None)
+        if config is None or getattr(config, "return_dict", True) is False or "_loss_function" in vars(model):
+            return None
+        return plain_head(model)

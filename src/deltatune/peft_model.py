@@ -26,6 +26,7 @@ from torch import nn
 from deltatune import base_layers, checkpoint, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import CONFIG_NAME, TASK_HEADS, ConfigError, PeftConfig
+from deltatune.losses import CausalLMLoss
 from deltatune.modules_to_save import ModulesToSaveWrapper
 from deltatune.prompt_learning import InputAdapter
 from deltatune.registry import get_method
@@ -104,9 +105,14 @@ class PeftModel(nn.Module):
         adapter_name: the first adapter's name; it becomes the active adapter.
     """
 
+    # A causal LM's loss from labels made by the fused LM head (deltatune.losses.CausalLMLoss): the
+    # same loss, gradients and logits, without the vocabulary-sized intermediates. False: the model's own.
+    fused_loss = True
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = AdapterHost(model)
+        self._causal_lm_loss = CausalLMLoss()
         # Input methods' trained tensors (prompt tuning, P-tuning, prefix tuning), by adapter name.
         self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
@@ -396,6 +402,12 @@ class PeftModel(nn.Module):
         ``adapter_names`` (one name per batch row, or ``"__base__"``) runs each row through its own
         adapter in the same batched call, as if it were alone in the batch.
         """
+        if self.fused_loss and "labels" in kwargs and hasattr(self._model, "get_output_embeddings"):
+            kwargs = _bind_arguments(self._model.forward, args, kwargs)
+            return self._causal_lm_loss(self._model, kwargs, lambda given: self._forward((), given, adapter_names))
+        return self._forward(args, kwargs, adapter_names)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
         if adapter_names is not None:
             with self._rows_routed(adapter_names):
                 return self._model(*args, **kwargs)
