@@ -584,3 +584,45 @@ def test_requantizing_an_8bit_layer_keeps_its_outlier_threshold():
     view.set_dense_weight(view.dense_weight() * 1.5)
     assert layer.state.threshold == 6.0 and not layer.state.has_fp16_weights
     assert layer(torch.randn(2, 64)).shape == (2, 64)
+
+
+# -- trainers: a stock Trainer refuses a quantized base unless it sees a PEFT model ---------------
+class _TokenRows(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = IDS[index % 2].roll(index)
+        return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_adapter_trainer_trains_a_quantized_base_and_saves_the_adapter(llama_dir, tmp_path, kind):
+    from transformers import Trainer, TrainingArguments
+
+    from deltatune.integrations import AdapterTrainer
+
+    model = dt.get_peft_model(load(llama_dir, kind), dt.LoraConfig(r=4, target_modules="all-linear"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], use_cpu=True, save_steps=4, logging_steps=1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="purely quantized"):  # what a stock Trainer says, for the record
+        Trainer(model=model, args=args, train_dataset=_TokenRows())
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=_TokenRows())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    saved = {p.name for p in (tmp_path / "checkpoint-4").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved
+    assert not any(name.startswith("model") for name in saved)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.zero_()
+    resumed = AdapterTrainer(model=model, args=args, train_dataset=_TokenRows())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))  # step 4 of 4: loads, trains no more
+    for name, param in model.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(param, trained[name], msg=name)  # the checkpoint's adapter is back

@@ -333,8 +333,8 @@ class CausalLMLoss:
     output, in chunks.
 
     It applies only where that is the same computation: no ``shift_labels`` / ``ignore_index`` /
-    ``logits_to_keep``, a plain head (:func:`plain_head`), a loss function the user has not
-    replaced, and, checked once per model on its first batch (eval mode, no gradients), the
+    ``logits_to_keep``, a plain head (:func:`plain_head`), a loss function and forward nobody has
+    replaced on the instance, and, checked once per model on its first batch (eval mode, no gradients), the
     model's own loss and logits equal to these. Anything else runs the model's own forward.
     """
 
@@ -418,5 +418,7 @@ class CausalLMLoss:
             return None
         config = getattr(model, "config", None)
         if config is None or getattr(config, "return_dict", True) is False or "_loss_function" in vars(model):
+            return None
+        if "forward" in vars(model):  # a forward patched onto the instance (TRL's fused head) may compute anything
             return None
         return plain_head(model)

@@ -133,6 +133,17 @@ class PeftModel(nn.Module):
         self.set_adapter(adapter_name)
 
     # -- attribute access like the wrapped model --------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        code = getattr(getattr(value, "__func__", value), "__code__", None)  # functools.wraps hides the name
+        if name == "forward" and "add_fused_lm_head" in getattr(code, "co_qualname", ""):
+            raise TypeError(
+                "TRL's trainers recognise only HF PEFT's PeftModel class, so a stock trl trainer patched its fused "
+                "LM head onto this deltatune model instead of the model under the adapters. Use deltatune's "
+                "subclasses, TRL's own code with that test answered: from deltatune.trl_trainers import "
+                "SFTTrainer (or DPOTrainer, GRPOTrainer)"
+            )
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -548,9 +559,22 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Load a saved adapter next to the existing ones (inactive until :meth:`set_adapter`)."""
+        """Load a saved adapter next to the existing ones (inactive until :meth:`set_adapter`).
+
+        Into an adapter of that name that exists already, as in HF PEFT (``transformers.Trainer``
+        resumes a run this way), the saved weights replace its own: same method and shapes only.
+        """
         directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        if adapter_name in self.peft_config:
+            own = self.peft_config[adapter_name]
+            if type(own) is not type(config):
+                raise ValueError(
+                    f"{directory} holds a {config.peft_type} adapter; adapter {adapter_name!r} here is "
+                    f"{own.peft_type}: load it under another name"
+                )
+            self._load_weights(directory, adapter_name, allow_pickle)
+            return
         self.add_adapter(adapter_name, config.for_loading())
         try:
             self._load_weights(directory, adapter_name, allow_pickle)
