@@ -30,6 +30,7 @@ from deltatune.run import (
     load_split,
     model_family,
     model_record,
+    read_records,
     required_columns,
     save_model_folder,
     task_spec,
@@ -128,7 +129,7 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
         options.update({k: getattr(spec, k) for k in SPEC_COLUMNS if k not in given})
         spec = TaskSpec(**{**spec.__dict__, **{k: options[k] for k in SPEC_COLUMNS}})
     if data_file:
-        records, name = datasets.load_records(data_file, on_bad_row=options["on_bad_row"]), str(data_file)
+        records, name = read_records(data_file, None, options["on_bad_row"]), str(data_file)
         split = None
     else:
         records, name = load_split(options, options["split"], None)
@@ -137,7 +138,7 @@ def run_eval(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, 
         spec = _spec_from_data(options, model_name, records, data_file)
     columns = required_columns(spec.kind, options, records[0])
     if data_file:
-        records = datasets.load_records(data_file, columns=columns, on_bad_row=options["on_bad_row"])
+        records = read_records(data_file, columns, options["on_bad_row"])
     records = records[: options["max_examples"]] if options["max_examples"] else records
     if options.get("predictions") and not spec.is_classification:
         raise ValueError("--predictions applies to classification; for prompt/response data use deltatune generate")

@@ -251,6 +251,38 @@ class HeadLoss:
         ours_fn = lambda: self._fused(head, outputs, targets)  # noqa: E731
         return ours_fn() if self._agrees(model, head, plain_fn, ours_fn) else plain_fn()
 
+    def loss_and_hits_of(
+        self, model: Any, outputs: Callable[[], torch.Tensor], targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and the number of labelled positions whose most likely token is the target.
+
+        For evaluation (no gradients): through the fused head in chunks where it applies, so no
+        vocabulary-sized tensor for the whole batch exists; else from the model's own logits.
+        """
+        with torch.no_grad():
+            head = plain_head(model)
+            if head is not None and self._agrees(
+                model, head, lambda: self._plain(outputs, targets), lambda: self._fused(head, outputs, targets)
+            ):
+                with head_passes_hidden_states(head):
+                    hidden = outputs()
+                labelled = targets != IGNORE_INDEX
+                rows, wanted = hidden[labelled], targets[labelled]
+                step = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+                total = rows.new_zeros((), dtype=torch.float32)
+                hits = torch.zeros((), dtype=torch.long, device=rows.device)
+                for start in range(0, rows.shape[0], step):
+                    logits = F.linear(rows[start : start + step], head.weight, head.bias).float()
+                    t = wanted[start : start + step]
+                    total += F.cross_entropy(logits, t, reduction="sum")
+                    hits += (logits.argmax(-1) == t).sum()
+                return total, hits
+            logits = outputs().float()
+            flat, wanted = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            labelled = wanted != IGNORE_INDEX
+            total = F.cross_entropy(flat, wanted, reduction="sum")
+            return total, (flat.argmax(-1)[labelled] == wanted[labelled]).sum()
+
     def logits_of(self, model: Any, outputs: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``outputs()`` in float32, with the head run here on a contiguous block of hidden states.
 

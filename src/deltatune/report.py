@@ -8,7 +8,7 @@ from typing import Any
 
 
 def short_metrics(metrics: dict[str, float]) -> str:
-    keys = [k for k in ("accuracy", "macro_f1", "exact_match", "loss", "perplexity") if k in metrics]
+    keys = [k for k in ("accuracy", "macro_f1", "exact_match", "loss", "perplexity", "token_accuracy") if k in metrics]
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune import conversations
 from deltatune import data as datasets
 from deltatune.base_layers import parameter_count, unquantized_bytes
 from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
@@ -109,6 +110,12 @@ def choose_task(requested: str, family: str, records: list[dict[str, Any]], opti
     if requested != "auto":
         return requested
     columns = set(records[0]) if records else set()
+    if "messages" in columns:
+        if family != "causal":
+            raise datasets.DataError(
+                f"{options['data']}: conversations train a causal language model; {options['model']} is not one"
+            )
+        return "causal-lm"
     if options["label_column"] in columns:
         return "label-generation" if family == "causal" else "seq-cls"
     if options["response_column"] in columns:
@@ -131,6 +138,8 @@ def required_columns(kind: str, options: dict[str, Any], sample: dict[str, Any])
         return [options["text_column"], options["label_column"]]
     if kind == "seq2seq":
         return [options["prompt_column"], options["response_column"]]
+    if "messages" in sample:
+        return ["messages"]
     prompt = [options["prompt_column"]] if options["prompt_column"] and options["prompt_column"] in sample else []
     return prompt + [options["response_column"]]
 
@@ -188,6 +197,8 @@ def task_words(spec: TaskSpec, records: list[dict[str, Any]]) -> str:
         return f"{' '.join(spec.label_words or spec.labels or [])} {instruction}".strip()  # labels first: kept
     if spec.kind == "seq-cls":
         return " ".join(spec.label_words or spec.labels or [])
+    if "messages" in records[0]:
+        return next(m["content"] for m in records[0]["messages"] if m["role"] != "system")
     column = spec.prompt_column if spec.prompt_column and spec.prompt_column in records[0] else spec.response_column
     return str(records[0][column])
 
@@ -237,7 +248,16 @@ def load_split(
     path = path or (source if file_option is None else None)
     if not path:
         return [], ""
-    return datasets.load_records(path, columns=columns, on_bad_row=options["on_bad_row"]), str(path)
+    return read_records(path, columns, options["on_bad_row"]), str(path)
+
+
+def read_records(path: str | Path, columns: list[str] | None, on_bad_row: str) -> list[dict[str, Any]]:
+    """A user file's records: conversations (any format of :mod:`deltatune.conversations`) as
+    ``{"messages": [...]}``, other data with ``columns`` required and kept."""
+    records = datasets.load_records(path, on_bad_row=on_bad_row)
+    if conversations.conversation_format(records[0]) is not None:
+        return conversations.as_conversations(records, str(path), on_bad_row)
+    return records if columns is None else datasets.load_records(path, columns=columns, on_bad_row=on_bad_row)
 
 
 def _limit(records: list[Any], count: int) -> list[Any]:

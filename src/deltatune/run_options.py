@@ -63,7 +63,7 @@ LABEL_GENERATION_OPTIONS = ("label_words", "instruction", "system")
 TASK_METRICS = {
     "label-generation": ("accuracy", "macro_f1", "exact_match", "loss"),
     "seq-cls": ("accuracy", "macro_f1", "loss"),
-    "causal-lm": ("loss", "perplexity"),
+    "causal-lm": ("loss", "perplexity", "token_accuracy"),
     "seq2seq": ("loss", "perplexity"),
 }
 VALIDATION_OPTIONS = ("eval_every", "max_eval", "metric_for_best", "early_stopping_patience")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deltatune import conversations
 from deltatune.data import DataError
 from deltatune.losses import HeadLoss
 
@@ -389,6 +390,9 @@ class CausalLM(Task):
 
     def encode_one(self, record: dict[str, Any], where: str) -> Example | None:
         tok = self.tokenizer
+        if "messages" in record:  # a conversation: the loss on every assistant turn (deltatune.conversations)
+            ids, labels = conversations.encode(tok, record["messages"])
+            return self._fitted(ids, labels, where)
         response = str(record[self.response_column])
         prompt = record.get(self.prompt_column) if self.prompt_column else None
         if prompt is None:
@@ -408,6 +412,9 @@ class CausalLM(Task):
             ]
             ids = head_ids + body_ids
             labels = [-100] * len(head_ids) + body_ids
+        return self._fitted(ids, labels, where)
+
+    def _fitted(self, ids: list[int], labels: list[int], where: str) -> Example | None:
         if len(ids) > self.max_length:
             if self.on_long == "error":
                 raise DataError(
@@ -434,6 +441,28 @@ class CausalLM(Task):
         targets = labels[:, labels.shape[1] - keep + 1 :]
         inputs = {**model_inputs(batch), "logits_to_keep": keep}
         return self.head_loss.loss_sum(model, inputs, targets, lambda out: out[:, -keep:-1] if keep > 1 else out[:, :0])
+
+    def eval_sums(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        """Loss and token accuracy over the labelled (response, or assistant-turn) tokens."""
+        labels = batch["lm_labels"]
+        labelled = (labels != -100).any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+        keep = labels.shape[1] - first + 1
+        targets = labels[:, labels.shape[1] - keep + 1 :]
+        inputs = {**model_inputs(batch), "logits_to_keep": keep}
+
+        def outputs() -> torch.Tensor:
+            out = model(**inputs).logits
+            return out[:, -keep:-1] if keep > 1 else out[:, :0]
+
+        total, hits = self.head_loss.loss_and_hits_of(model, outputs, targets)
+        return {"loss_sum": float(total), "hits": int(hits), "units": batch["units"]}
+
+    def metrics(self, sums: dict[str, Any]) -> dict[str, float]:
+        out = super().metrics(sums)
+        if "hits" in sums:
+            out["token_accuracy"] = sums["hits"] / max(sums["units"], 1)
+        return out
 
 
 class SequenceClassification(Task):
