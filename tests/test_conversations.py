@@ -191,3 +191,25 @@ def test_a_bad_conversation_in_the_main_job_stops_with_its_row_or_is_skipped(ass
     assert "Traceback" not in result.output
     skip = ("--max-steps", "1", "--batch-size", "2", "--on-bad-row", "skip")
     check_ok(invoke(*train_args(assets, tmp_path / "b", "--data", data, *skip)))
+
+
+def test_datasets_folders_and_arrow_files_are_data(assets, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from deltatune.data import load_dataset, load_records
+
+    rows = [{"messages": CHAT}] * 12
+    single = datasets.Dataset.from_list(rows)
+    single.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": single, "validation": single.select(range(3))}).save_to_disk(str(tmp_path / "dd"))
+    assert load_records(tmp_path / "one") == rows
+    arrow = next((tmp_path / "one").glob("*.arrow"))
+    assert load_records(arrow) == rows
+    assert load_dataset(tmp_path / "dd", split="validation") == rows[:3]
+    assert load_dataset(single) == rows  # the Python API takes a Dataset as it is
+    assert load_dataset(datasets.DatasetDict({"train": single}), split="train") == rows
+    with pytest.raises(DataError, match="a DatasetDict folder with splits train, validation; pass one of them"):
+        load_records(tmp_path / "dd")
+    run = tmp_path / "run"
+    check_ok(invoke(*train_args(assets, run, "--data", tmp_path / "dd", "--max-steps", "2", "--batch-size", "2")))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["validation_data"] == {"source": f"{tmp_path / 'dd'} (validation)"}

@@ -624,3 +624,43 @@ def test_files_written_atomically_get_an_ordinary_files_mode(llama_run):
     os.umask(umask)
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "summary.json"):
         assert stat.S_IMODE((llama_run / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+# -- a validation split by default -------------------------------------------------------------
+def test_hold_out_is_seeded_disjoint_capped_and_skipped_for_tiny_data():
+    from deltatune.run import hold_out
+
+    records = [{"i": i} for i in range(40)]
+    train, validation, source = hold_out(records, 0.1, seed=3, source="data.csv")
+    assert len(validation) == 4 and len(train) == 36
+    assert sorted(r["i"] for r in train + validation) == list(range(40))
+    assert hold_out(records, 0.1, seed=3, source="data.csv")[1] == validation  # same seed, same rows
+    assert hold_out(records, 0.1, seed=4, source="data.csv")[1] != validation
+    assert source == {"source": "held out from data.csv", "rows": 4, "share": 0.1, "seed": 3}
+    assert len(hold_out([{"i": i} for i in range(20_000)], 0.1, 0, "big")[1]) == 500
+    kept, none, why = hold_out(records[:3], 0.1, 0, "tiny")
+    assert kept == records[:3] and none == [] and why["source"] is None
+
+
+def _default_val_split(args: list[str]) -> list[str]:
+    """The helper's arguments without its ``--val-split 0``: the default again."""
+    at = args.index("--val-split")
+    return args[:at] + args[at + 2 :]
+
+
+def test_a_training_file_alone_reports_validation_on_a_held_out_share(assets, tmp_path):
+    args = _default_val_split(train_args(assets, tmp_path / "run", "--max-steps", "2"))
+    check_ok(invoke(*args, "--eval-every", "1"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["validation_data"] == {
+        "source": f"held out from {assets.cls_csv}", "rows": 6, "share": 0.1, "seed": 3,
+    }  # fmt: skip
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("split") == "validation"] == [1, 2]
+    assert (tmp_path / "run" / "best").is_dir() and summary["best_validation"] is not None
+    check_ok(invoke(*train_args(assets, tmp_path / "none", "--max-steps", "1")))  # --val-split 0: none
+    assert json.loads((tmp_path / "none" / "summary.json").read_text())["validation_data"] == {"source": None}
+    given = train_args(assets, tmp_path / "given", "--max-steps", "1", "--eval-data", str(assets.cls_eval_csv))
+    check_ok(invoke(*_default_val_split(given)))
+    recorded = json.loads((tmp_path / "given" / "summary.json").read_text())["validation_data"]
+    assert recorded == {"source": str(assets.cls_eval_csv)}  # the given file, nothing held out

@@ -398,6 +398,13 @@ def eval_data_options(f: Any) -> Any:
 @click.option("--max-train", default=0, type=COUNT, help="Use at most N training examples (0: all).")
 @click.option("--max-eval", default=128, type=COUNT, help="Use at most N validation examples (0: all).")
 @click.option("--max-test", default=0, type=COUNT, help="Use at most N test examples (0: all).")
+@click.option(
+    "--val-split",
+    default=0.1,
+    type=click.FloatRange(0, 0.5),
+    help="Without validation data (no --eval-data, no validation split in --data), hold out this seeded "
+    "share of the training rows for it, at most 500 (0: none).",
+)
 @click.option("--output", default="runs/default", type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --output.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in a non-empty --output.")

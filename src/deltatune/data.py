@@ -273,7 +273,7 @@ BUILTIN_DATASETS: dict[str, DatasetInfo] = {
 # User files
 # --------------------------------------------------------------------------------------------
 
-_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 
 
 def _read_text(path: Path) -> str:
@@ -361,6 +361,76 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"row {i}", record
 
 
+def _iter_arrow(path: Path, first_row: int = 1) -> Iterator[tuple[str, Any]]:
+    """Rows of an Arrow IPC file (the stream form ``datasets`` writes, or the file form)."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError(f"{path}: reading Arrow needs pyarrow; install it with: pip install pyarrow") from None
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+    except Exception as exc:  # pyarrow raises its own error types
+        raise DataError(f"{path}: cannot read Arrow data: {exc}") from None
+    for i, record in enumerate(table.to_pylist(), first_row):
+        yield f"row {i}", record
+
+
+def dataset_dict_splits(path: str | os.PathLike[str]) -> list[str] | None:
+    """The splits of a ``DatasetDict.save_to_disk`` folder, or None for anything else."""
+    index = Path(path) / "dataset_dict.json"
+    if not index.is_file():
+        return None
+    try:
+        splits = json.loads(index.read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{index}: not a readable dataset_dict.json ({exc})") from None
+    return [str(s) for s in splits]
+
+
+def _iter_saved_dataset(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a ``Dataset.save_to_disk`` folder: its Arrow shards in ``state.json``'s order."""
+    splits = dataset_dict_splits(path)
+    if splits is not None:
+        raise DataError(
+            f"{path}: a DatasetDict folder with splits {', '.join(splits)}; pass one of them, e.g. "
+            f"{path / splits[0]} (deltatune train --data takes the folder itself and uses its "
+            "train, validation and test splits)"
+        )
+    state = path / "state.json"
+    if state.is_file():
+        try:
+            files = [path / f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{state}: not a readable datasets state file ({exc})") from None
+    else:
+        files = sorted(path.glob("*.arrow"))
+    if not files:
+        raise DataError(f"{path}: a folder, but neither a datasets save_to_disk folder nor one holding .arrow files")
+    row = 1
+    for file in files:
+        for where, record in _iter_arrow(file, row):
+            row += 1
+            yield where, record
+
+
+def records_of(data: Any) -> list[dict[str, Any]]:
+    """A ``datasets.Dataset`` (or any sequence of dicts) as a list of dicts."""
+    if isinstance(data, Mapping):  # a DatasetDict (a dict of splits)
+        raise DataError(f"a DatasetDict with splits {', '.join(data)}; pass one split, e.g. data[{next(iter(data))!r}]")
+    if hasattr(data, "to_list") and hasattr(data, "column_names"):  # datasets.Dataset
+        return data.to_list()
+    records = list(data)
+    bad = next((i for i, r in enumerate(records, 1) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"record {bad} is a {type(records[bad - 1]).__name__}, not a dict of named fields")
+    return records
+
+
 def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
@@ -373,8 +443,9 @@ def load_records(
     """Read a user data file into a list of dicts.
 
     Formats, chosen by suffix: ``.jsonl`` (one object per line), ``.json`` (a list of objects, or
-    one object per line), ``.csv``, ``.tsv``, ``.parquet`` (needs pyarrow). CSV/TSV values are
-    strings, as in the file; JSON and Parquet values keep their types.
+    one object per line), ``.csv``, ``.tsv``, ``.parquet`` and ``.arrow`` (need pyarrow), and a
+    folder written by ``datasets.Dataset.save_to_disk``. CSV/TSV values are strings, as in the
+    file; the others keep their types.
 
     ``columns`` says which fields are required and returned: ``None`` returns every field as is;
     a sequence of names requires those and returns only them; a mapping ``{name: file_column}``
@@ -391,15 +462,20 @@ def load_records(
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path = Path(path)
     suffix = path.suffix.lower()
-    if not suffix and not path.exists():
+    if path.is_dir():
+        suffix = "(folder)"
+    elif not suffix and not path.exists():
         close = difflib.get_close_matches(str(path), list(BUILTIN_DATASETS), n=1)
         raise DataError(
             f"{path}: neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) nor an existing file "
             f"({', '.join(_SUFFIXES)})" + (f"; did you mean {close[0]!r}?" if close else "; see deltatune datasets")
         )
-    if suffix not in _SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(_SUFFIXES)}")
-    if not path.is_file():
+    if suffix != "(folder)" and suffix not in _SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(_SUFFIXES)} "
+            "or a datasets save_to_disk folder"
+        )
+    if suffix != "(folder)" and not path.is_file():
         raise DataError(f"{path}: no such file")
 
     if columns is None:
@@ -412,7 +488,11 @@ def load_records(
         mapping = {c: c for c in columns}
 
     rows: Iterable[tuple[str, Any]]
-    if suffix in (".jsonl", ".json"):
+    if suffix == "(folder)":
+        rows = _iter_saved_dataset(path)
+    elif suffix == ".arrow":
+        rows = _iter_arrow(path)
+    elif suffix in (".jsonl", ".json"):
         rows = _iter_json(path, on_bad_row)
     elif suffix == ".parquet":
         rows = _iter_parquet(path)
@@ -466,19 +546,35 @@ def load_records(
 
 
 def load_dataset(
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] | Any,
     split: str | None = None,
     columns: Sequence[str] | Mapping[str, str] | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
 ) -> list[dict[str, Any]]:
-    """Load a built-in data set by name, or a user file by path.
+    """Load a built-in data set by name, a user file or ``save_to_disk`` folder by path, or take a
+    ``datasets.Dataset`` (or ``DatasetDict`` with ``split``) as it is.
 
     For a built-in set ``split`` defaults to its first split (``train``, or ``test`` for
     ``general-text``) and ``columns``/``on_bad_row`` do not apply. A user file is one split on
-    its own -- pass one file per split -- so ``split`` is ignored for files; ``columns`` and
-    ``on_bad_row`` go to :func:`load_records`.
+    its own -- pass one file per split -- so ``split`` is ignored for files; a ``DatasetDict``
+    folder or object takes ``split`` (default ``train``). ``columns`` and ``on_bad_row`` go to
+    :func:`load_records`.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        data = name_or_path
+        if isinstance(data, Mapping):  # a DatasetDict
+            chosen = split or "train"
+            if chosen not in data:
+                raise DataError(f"the DatasetDict has splits {', '.join(data)}, not {chosen!r}")
+            data = data[chosen]
+        return records_of(data)
     key = os.fspath(name_or_path)
+    splits = dataset_dict_splits(key) if Path(key).is_dir() else None
+    if splits is not None:
+        chosen = split or "train"
+        if chosen not in splits:
+            raise DataError(f"{key}: a DatasetDict folder with splits {', '.join(splits)}, not {chosen!r}")
+        return load_records(Path(key) / chosen, columns=columns, on_bad_row=on_bad_row)
     info = BUILTIN_DATASETS.get(key)
     if info is not None:
         return info.loader(split or info.splits[0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import time
 from collections.abc import Collection
@@ -240,6 +241,13 @@ def load_split(
     built-in set's split (the nearest it has), else nothing."""
     path = options.get(file_option) if file_option else None
     source = options["data"]
+    splits = datasets.dataset_dict_splits(source) if not path and Path(source).is_dir() else None
+    if splits is not None:  # a DatasetDict folder: its own split, if it has this one
+        if split not in splits:
+            if split == "train":
+                raise datasets.DataError(f"{source}: a DatasetDict folder with splits {', '.join(splits)}, no train")
+            return [], ""
+        return read_records(Path(source) / split, columns, options["on_bad_row"]), f"{source} ({split})"
     if not path and source in datasets.BUILTIN_DATASETS:
         info = datasets.BUILTIN_DATASETS[source]
         if split not in info.splits:
@@ -249,6 +257,27 @@ def load_split(
     if not path:
         return [], ""
     return read_records(path, columns, options["on_bad_row"]), str(path)
+
+
+VAL_SPLIT_MAX_ROWS = 500
+
+
+def hold_out(
+    records: list[dict[str, Any]], share: float, seed: int, source: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """``records`` split into training and a seeded held-out validation share (at most 500 rows).
+
+    The same records, share and seed give the same split (a resumed run sees the one it started
+    with); the rows keep their order on both sides. With too few rows for one held-out row and a
+    training row, nothing is held out.
+    """
+    count = min(round(share * len(records)), VAL_SPLIT_MAX_ROWS)
+    if count < 1 or count >= len(records):
+        return records, [], {"source": None, "note": f"too few training rows ({len(records)}) to hold any out"}
+    held = set(random.Random(seed).sample(range(len(records)), count))
+    train = [r for i, r in enumerate(records) if i not in held]
+    validation = [r for i, r in enumerate(records) if i in held]
+    return train, validation, {"source": f"held out from {source}", "rows": count, "share": share, "seed": seed}
 
 
 def read_records(path: str | Path, columns: list[str] | None, on_bad_row: str) -> list[dict[str, Any]]:
@@ -334,8 +363,14 @@ def _train(
     task = make_task(spec, tokenizer, options["on_long"])
     if task_kind == "label-generation":  # what the task resolved (default prompt, label words) is what is saved
         spec.label_words, spec.instruction = list(task.words), task.instruction
-    train_examples = task.encode(train_records, source=train_name)
     eval_records, eval_name = load_split(options, "validation", "eval_data", columns)
+    validation_source: dict[str, Any] = {"source": eval_name} if eval_records else {"source": None}
+    if not eval_records and options.get("val_split", 0.1) > 0:
+        train_records, eval_records, validation_source = hold_out(
+            train_records, options.get("val_split", 0.1), options["seed"], train_name
+        )
+        eval_name = f"{train_name} (held-out validation)"
+    train_examples = task.encode(train_records, source=train_name)
     test_records, test_name = load_split(options, "test", "test_data", columns)
     eval_records = _limit(eval_records, options["max_eval"])
     test_records = _limit(test_records, options["max_test"])
@@ -368,6 +403,7 @@ def _train(
         "method": options["method"],
         "task": task_kind,
         "data": options["data"],
+        "validation_data": validation_source,
     }
     if dist_env.main:  # everything is checked and loaded: only now is an earlier run replaced
         if options.get("overwrite") and output.is_dir():

@@ -12,6 +12,7 @@ import difflib
 import logging
 import re
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -110,15 +111,18 @@ def check_options(options: dict[str, Any], given: Collection[str]) -> None:
     if options.get("resume") and options.get("overwrite"):
         raise ValueError("--resume continues the run in --output and --overwrite replaces it: give one of them")
     builtin = options["data"] in datasets.BUILTIN_DATASETS
-    has_validation = bool(options.get("eval_data")) or (
-        builtin and "validation" in datasets.BUILTIN_DATASETS[options["data"]].splits
+    has_validation = (
+        bool(options.get("eval_data"))
+        or (builtin and "validation" in datasets.BUILTIN_DATASETS[options["data"]].splits)
+        or options.get("val_split", 0.1) > 0  # a share of the training file is held out
+        or "validation" in (datasets.dataset_dict_splits(options["data"]) if Path(options["data"]).is_dir() else [])
     )
     if not has_validation:
         for key in VALIDATION_OPTIONS:
             if key in given:
                 raise ValueError(
                     f"--{key.replace('_', '-')} needs validation data, and {options['data']} has no validation "
-                    "split: pass --eval-data FILE"
+                    "split: pass --eval-data FILE, or hold out a share of the training rows with --val-split"
                 )
     every = options.get("eval_every") or 0
     if every >= 1 and every != int(every):
