@@ -405,6 +405,12 @@ def eval_data_options(f: Any) -> Any:
     help="Without validation data (no --eval-data, no validation split in --data), hold out this seeded "
     "share of the training rows for it, at most 500 (0: none).",
 )
+@click.option(
+    "--packing",
+    is_flag=True,
+    help="Causal LM / chat: put several training examples in each row of --max-length tokens, each attending "
+    "only to itself (fewer padded tokens; checked on the first row to give the unpacked loss).",
+)
 @click.option("--output", default="runs/default", type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --output.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in a non-empty --output.")

@@ -28,6 +28,7 @@ from deltatune import conversations
 from deltatune import data as datasets
 from deltatune.base_layers import parameter_count, unquantized_bytes
 from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
+from deltatune.packing import PackingError, check_packed_loss, pack_examples
 from deltatune.peft_model import PeftModel, get_peft_model
 from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
 from deltatune.run_folder import (
@@ -280,6 +281,21 @@ def hold_out(
     return train, validation, {"source": f"held out from {source}", "rows": count, "share": share, "seed": seed}
 
 
+def _packed(task: Task, examples: list[Any], options: dict[str, Any], say: Any) -> list[Any]:
+    """``--packing``: the training examples packed into rows (deltatune.packing), or why they cannot be."""
+    if not isinstance(task, CausalLM):
+        raise PackingError(f"--packing applies to causal-LM and chat data, not the {task.kind} task")
+    if options["method"] in ("prefix", "prompt", "ptuning"):
+        raise PackingError(
+            f"--packing puts several examples in a row, and {options['method']} tuning puts its virtual tokens in "
+            "front of a row, so only the first example would see them: use a layer method (lora, dora, ia3, "
+            "adapter, full) or train without --packing"
+        )
+    packed = pack_examples(examples, options["max_length"])
+    say(f"packing: {len(examples)} examples in {len(packed)} rows of at most {options['max_length']} tokens")
+    return packed
+
+
 def read_records(path: str | Path, columns: list[str] | None, on_bad_row: str) -> list[dict[str, Any]]:
     """A user file's records: conversations (any format of :mod:`deltatune.conversations`) as
     ``{"messages": [...]}``, other data with ``columns`` required and kept."""
@@ -371,6 +387,8 @@ def _train(
         )
         eval_name = f"{train_name} (held-out validation)"
     train_examples = task.encode(train_records, source=train_name)
+    if options.get("packing"):
+        train_examples = _packed(task, train_examples, options, say)
     test_records, test_name = load_split(options, "test", "test_data", columns)
     eval_records = _limit(eval_records, options["max_eval"])
     test_records = _limit(test_records, options["max_test"])
@@ -390,6 +408,8 @@ def _train(
         trained = get_peft_model(model, config)
         if config.is_prompt_learning:
             start_virtual_tokens(trained, options, tokenizer, task_words(spec, train_records))
+    if options.get("packing"):
+        check_packed_loss(task, trained, max(train_examples, key=lambda row: row.packed))
     trainable, total = _count(trained)
     say(
         f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "

@@ -43,6 +43,8 @@ class Example:
     labels: list[int] | None = None  # token targets (-100 = no loss), for LM tasks
     target: int | None = None  # class index, for classification
     decoder_labels: list[int] | None = None  # seq2seq targets
+    position_ids: list[int] | None = None  # packed rows (deltatune.packing): restart at each example
+    packed: int = 1  # how many examples the row holds
 
     @property
     def units(self) -> int:
@@ -429,9 +431,25 @@ class CausalLM(Task):
         return Example(ids, labels=labels)
 
     def collate(self, examples: Sequence[Example]) -> dict[str, Any]:
+        if examples[0].position_ids is not None:
+            return self._collate_packed(examples)
         batch = super().collate(examples)
         batch["lm_labels"] = self._pad([e.labels for e in examples], -100)
         return batch
+
+    def _collate_packed(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """Packed rows, padded on the right with a segment of their own; no attention mask, so that
+        transformers attends within each example (see :mod:`deltatune.packing`), and no cache."""
+        width = max(len(e.input_ids) for e in examples)
+        positions = [e.position_ids + list(range(width - len(e.input_ids))) for e in examples]
+        return {
+            "input_ids": self._pad([e.input_ids for e in examples], self.pad_id, side="right"),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "use_cache": False,
+            "lm_labels": self._pad([e.labels for e in examples], -100, side="right"),
+            "units": sum(e.units for e in examples),
+            "tokens": sum(len(e.input_ids) for e in examples),
+        }
 
     def loss_sum(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         labels = batch["lm_labels"]
