@@ -138,3 +138,19 @@ LLAMA_METHODS = {
     "houlsby": lambda: dt.BottleneckConfig(placement="houlsby", reduction_factor=4, init="lora"),
     "parallel": lambda: dt.BottleneckConfig(placement="parallel", reduction_factor=4, init="lora"),
 }
+
+
+class WrappedModel(torch.nn.Module):
+    """A model wrapped by a plain module (``inner``), with its config and output head: tests
+    subclass it to change what the forward does around the real model."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)

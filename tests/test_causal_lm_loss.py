@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import deltatune as dt
 from deltatune.losses import CausalLMLoss, LinearCrossEntropyWithLogits
 
-from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import VOCAB, WrappedModel, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -159,16 +159,11 @@ def test_model_with_its_own_loss_function_gets_its_own_loss():
     assert loss.item() == pytest.approx(model(**batch).logits.float().mean().item(), rel=1e-5)
 
 
-class _UnshiftedLM(torch.nn.Module):
+class _UnshiftedLM(WrappedModel):
     """A causal LM whose loss scores each position against its own label (no shift): not transformers' rule."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.inner = tiny_llama()
-        self.config = self.inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
+        super().__init__(tiny_llama())
 
     def forward(self, labels=None, **kwargs):
         out = self.inner(**kwargs)

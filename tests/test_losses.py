@@ -13,7 +13,7 @@ import deltatune as dt
 from deltatune.losses import HeadLoss, fused_linear_cross_entropy, plain_head
 from deltatune.tasks import CausalLM, Seq2Seq
 
-from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import VOCAB, WrappedModel, tiny_gpt2, tiny_llama, tiny_t5
 
 TOKENIZER = SimpleNamespace(pad_token_id=0, eos_token_id=2, chat_template=None)
 
@@ -116,16 +116,12 @@ def test_models_that_transform_their_logits_get_the_plain_path():
     assert plain_head(model) is None
 
 
-class _PostProcessedLogits(torch.nn.Module):
+class _PostProcessedLogits(WrappedModel):
     """A causal LM that changes its logits after the head without saying so in its config."""
 
     def __init__(self, how: str) -> None:
-        super().__init__()
-        self.inner, self.how = tiny_llama(), how
-        self.config = self.inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
+        super().__init__(tiny_llama())
+        self.how = how
 
     def forward(self, **kwargs):
         out = self.inner(**kwargs)
@@ -243,19 +239,11 @@ def test_seq2seq_task_loss_equals_the_models_own_loss():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-class _Seq2SeqWithoutDecoderInputHelper(torch.nn.Module):
+class _Seq2SeqWithoutDecoderInputHelper(WrappedModel):
     """An encoder-decoder that only takes ``labels`` (no ``prepare_decoder_input_ids_from_labels``)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.inner = tiny_t5()
-        self.config = self.inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, **kwargs):
-        return self.inner(**kwargs)
+        super().__init__(tiny_t5())
 
 
 def test_seq2seq_model_that_needs_labels_gets_the_plain_loss():

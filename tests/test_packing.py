@@ -11,7 +11,7 @@ from deltatune.packing import PackingError, check_packed_loss, pack_examples, un
 from deltatune.tasks import CausalLM, Example
 from tiny_assets import check_ok, invoke, read_jsonl, session_assets, train_args, write_jsonl
 
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from conftest import VOCAB, WrappedModel, tiny_gpt2, tiny_llama
 
 
 class _Tokenizer:
@@ -67,16 +67,11 @@ def test_a_packed_row_gives_the_loss_and_gradients_of_its_examples_alone(factory
     check_packed_loss(task, model, row)  # passes
 
 
-class _MixesExamples(torch.nn.Module):
+class _MixesExamples(WrappedModel):
     """A causal LM that attends across the whole row whatever the position ids say."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.inner = tiny_llama()
-        self.config = self.inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
+        super().__init__(tiny_llama())
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, **kwargs):
         return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
