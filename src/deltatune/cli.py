@@ -406,6 +406,14 @@ def eval_data_options(f: Any) -> Any:
     "share of the training rows for it, at most 500 (0: none).",
 )
 @click.option(
+    "--report-to",
+    multiple=True,
+    type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+    show_default="metrics.jsonl only",
+    help="Also send the metrics to TensorBoard (event files in tensorboard/), W&B (offline) or MLflow "
+    "(a file store in mlruns/); repeat for several. metrics.jsonl is always written.",
+)
+@click.option(
     "--packing",
     is_flag=True,
     help="Causal LM / chat: put several training examples in each row of --max-length tokens, each attending "

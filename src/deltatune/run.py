@@ -31,6 +31,7 @@ from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
 from deltatune.packing import PackingError, check_packed_loss, pack_examples
 from deltatune.peft_model import PeftModel, get_peft_model
 from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
+from deltatune.reporting import Reporters
 from deltatune.run_folder import (
     ADAPTER_DIR,
     MODEL_DIR,
@@ -474,6 +475,12 @@ def _train(
         export_trained(model, folder, main, tokenizer, spec)
 
     progress = ProgressReporter(dist_env.main)
+    reporters = Reporters(options.get("report_to") or (), output, recorded, options["resume"], dist_env.main)
+
+    def on_record(record: dict[str, Any], total: int) -> None:
+        progress.update(record, total)
+        reporters.log(record)
+
     trainer = Trainer(
         trained,
         task,
@@ -481,18 +488,25 @@ def _train(
         args,
         evaluation=eval_examples,
         distributed=dist_env,
-        progress=progress.update,
+        progress=on_record,
         wrap=_wrapper(options, dist_env),
         export=export,
     )
-    with progress:
-        result = trainer.fit()
+    if before:
+        reporters.log({"step": 0, "split": "test", **before})
+    try:
+        with progress:
+            result = trainer.fit()
+        after = evaluate(trained, task, test_examples, batch, dist_env, precision) if test_examples else None
+        if after:
+            reporters.log({"step": result["steps"], "split": "test", **after})
+    finally:
+        reporters.close()
     if result["stopped_early"]:
         say(
             f"stopped early at step {result['steps']}: {trainer.metric} did not improve "
             f"in {args.early_stopping_patience} evaluations"
         )
-    after = evaluate(trained, task, test_examples, batch, dist_env, precision) if test_examples else None
     if after:
         say(f"after training, test: {short_metrics(after)}")
     forgetting_after = _general_loss(trained, general, dist_env, precision, base=False) if general else None

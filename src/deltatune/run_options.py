@@ -124,6 +124,10 @@ def check_options(options: dict[str, Any], given: Collection[str]) -> None:
                     f"--{key.replace('_', '-')} needs validation data, and {options['data']} has no validation "
                     "split: pass --eval-data FILE, or hold out a share of the training rows with --val-split"
                 )
+    if options.get("report_to"):
+        from deltatune.reporting import check_reporters
+
+        check_reporters(options["report_to"])
     every = options.get("eval_every") or 0
     if every >= 1 and every != int(every):
         raise ValueError(f"--eval-every {every}: give a number of steps, or a fraction of the steps below 1")
