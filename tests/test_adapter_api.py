@@ -657,3 +657,26 @@ def test_rank_and_alpha_pattern_change_one_module():
     assert layers[1].self_attn.q_proj.scaling["default"] == pytest.approx(8 / 2)
     assert layers[0].self_attn.v_proj.scaling["default"] == pytest.approx(3 / 4)
     assert layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(8 / 4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: dt.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]),
+        lambda: dt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+        lambda: dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        lambda: dt.BottleneckConfig(bottleneck_size=4, placement="pfeiffer"),
+    ],
+    ids=["lora", "dora", "ia3", "bottleneck"],
+)
+def test_delete_adapter_leaves_no_per_adapter_state(config):
+    from deltatune.adapter_layer import AdapterLayer
+
+    model = dt.get_peft_model(tiny_llama(), config())
+    model.add_adapter("second", config())
+    model.delete_adapter("second")
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    assert layers
+    for layer in layers:
+        for attr in layer.containers + layer.per_adapter:
+            assert "second" not in getattr(layer, attr), (type(layer).__name__, attr)

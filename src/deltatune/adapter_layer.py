@@ -45,9 +45,12 @@ class RowRouting:
 
 
 class AdapterLayer(nn.Module):
-    """Base class of method wrappers. Subclasses list their per-adapter containers in ``containers``."""
+    """Base class of method wrappers. Subclasses list their per-adapter containers in ``containers``
+    (modules and parameters by adapter name) and any plain per-adapter values in ``per_adapter``
+    (dicts by adapter name, such as LoRA's scales): :meth:`delete_adapter` clears both."""
 
     containers: tuple[str, ...] = ()
+    per_adapter: tuple[str, ...] = ()
     # Where this wrapper sits when several methods adapt one module: lower is closer to the base
     # layer. Methods that change the weight (LoRA, IA3) sit innermost, so merging reaches the weight;
     # methods that transform the layer's output (bottleneck adapters) wrap them.
@@ -88,7 +91,7 @@ class AdapterLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
-        for attr in self.containers:
+        for attr in self.containers + self.per_adapter:
             container = getattr(self, attr)
             if name in container:
                 del container[name]

@@ -228,6 +228,7 @@ class BottleneckLayer(AdapterLayer):
     """
 
     containers = ("adapter_down", "adapter_up")
+    per_adapter = ("scaling", "activation", "reads_block_input")
     nesting = 10
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -277,8 +278,6 @@ class BottleneckLayer(AdapterLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        for store in (self.scaling, self.activation, self.reads_block_input):
-            store.pop(name, None)
         hook = self._input_hooks.pop(name, None)
         if hook is not None:
             hook.remove()

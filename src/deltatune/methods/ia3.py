@@ -162,6 +162,7 @@ class IA3Linear(AdapterLayer):
     """(IA)³ around an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored transposed)."""
 
     containers = ("ia3_l",)
+    per_adapter = ("is_feedforward", "_merge_backup")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -191,10 +192,6 @@ class IA3Linear(AdapterLayer):
             vector = torch.randn(shape, dtype=view.adapter_dtype, device=view.device)
         self.ia3_l[name] = nn.Parameter(vector)
         self.is_feedforward[name] = feedforward
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.is_feedforward.pop(name, None)
 
     # -- forward --------------------------------------------------------------------------------
     def _scales(self, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -177,6 +177,7 @@ class LoraLinear(AdapterLayer):
     """LoRA around an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored transposed)."""
 
     containers = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
+    per_adapter = ("scaling", "_merged_dora_norms")
     # Use the fused autograd function where it applies; set False to run the plain graph.
     fused = True
 
@@ -516,6 +517,7 @@ class LoraEmbedding(AdapterLayer):
     """
 
     containers = ("lora_embedding_A", "lora_embedding_B")
+    per_adapter = ("scaling",)
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
