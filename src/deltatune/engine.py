@@ -26,19 +26,6 @@ from deltatune.adapter_layer import AdapterLayer
 
 logger = logging.getLogger("deltatune")
 
-# Attention projections LoRA adapts when the user names none (query and value, as in Hu et al.
-# 2021). These are naming conventions shared by many architectures, not per-model code.
-DEFAULT_TARGET_CANDIDATES: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "v_proj"),
-    ("query", "value"),
-    ("c_attn",),
-    ("q", "v"),
-    ("qkv_proj",),
-    ("query_key_value",),
-    ("Wqkv",),
-)
-
-
 class TargetModuleError(ValueError):
     """The config names modules that the model does not have, or that the method cannot wrap."""
 
@@ -99,7 +86,7 @@ def find_targets(
     skip = set(skip)
     named = visible_modules(model)
     if target_modules is None:
-        target_modules = default_target_modules(named, wrappable)
+        raise TargetModuleError(f"{method}: no target_modules (the method resolves its own defaults first)")
     all_linear = isinstance(target_modules, str) and target_modules.lower() in ("all-linear", "all_linear")
     if all_linear:
         skip |= output_layer_names(model)
@@ -146,15 +133,21 @@ def find_targets(
     raise TargetModuleError(_no_match_message(named, target_modules, layers_to_transform, method))
 
 
-def default_target_modules(named: Sequence[tuple[str, nn.Module]], wrappable: tuple[type[nn.Module], ...]) -> list[str]:
-    """The first group of conventional attention-projection names present in the model."""
-    leaves = {name.rsplit(".", 1)[-1] for name, module in named if isinstance(innermost(module), wrappable)}
-    for group in DEFAULT_TARGET_CANDIDATES:
+def first_present_group(
+    model: nn.Module, groups: Sequence[Sequence[str]], wrappable: tuple[type[nn.Module], ...]
+) -> list[str] | None:
+    """The first of ``groups`` of module names all present (as wrappable leaves) in ``model``, else None."""
+    leaves = wrappable_leaf_names(model, wrappable)
+    for group in groups:
         if all(entry in leaves for entry in group):
             return list(group)
-    raise TargetModuleError(
-        "target_modules was not given and no conventional attention projection names were found; "
-        f"name them explicitly, e.g. target_modules=['...'] from: {', '.join(sorted(leaves)[:20])}"
+    return None
+
+
+def wrappable_leaf_names(model: nn.Module, wrappable: tuple[type[nn.Module], ...]) -> list[str]:
+    """The last path component of every module of ``model`` that is one of ``wrappable``, sorted."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, module in visible_modules(model) if isinstance(innermost(module), wrappable)}
     )
 
 

@@ -636,14 +636,40 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
+# The attention projections LoRA adapts when the user names none (query and value, as in Hu et al.
+# 2021): naming conventions that many architectures share, first match wins, not per-model code.
+DEFAULT_TARGET_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),
+    ("query", "value"),
+    ("c_attn",),
+    ("q", "v"),
+    ("qkv_proj",),
+    ("query_key_value",),
+    ("Wqkv",),
+)
+
+
+def default_targets(model: nn.Module, wrappable: tuple[type[nn.Module], ...]) -> list[str]:
+    """LoRA's targets when ``target_modules`` is not given: the model's query/value projections."""
+    found = engine.first_present_group(model, DEFAULT_TARGET_CANDIDATES, wrappable)
+    if found is None:
+        raise engine.TargetModuleError(
+            "target_modules was not given and no conventional attention projection names were found; "
+            "name them explicitly, e.g. target_modules=['...'] from: "
+            + ", ".join(engine.wrappable_leaf_names(model, wrappable)[:20])
+        )
+    return found
+
+
 def attach_lora(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
     """Wrap every target module of ``model`` with LoRA adapter ``adapter_name``; return their paths."""
     assert isinstance(config, LoraConfig)
     linear = engine.linear_types()
+    wrappable = linear + (nn.Embedding,)
     paths = engine.find_targets(
         model,
-        config.target_modules,
-        wrappable=linear + (nn.Embedding,),
+        config.target_modules if config.target_modules is not None else default_targets(model, wrappable),
+        wrappable=wrappable,
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
