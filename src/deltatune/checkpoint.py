@@ -14,7 +14,6 @@ pickle-based ``.bin`` files, which can run arbitrary code when loaded.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune import engine
+from deltatune.atomic import file_mode, temporary_beside
 from deltatune.config import UNSAFE_WEIGHTS_NAME, WEIGHTS_NAME
 from deltatune.modules_to_save import ModulesToSaveWrapper
 
@@ -37,47 +37,17 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file cannot be read at all (truncated, not safetensors, not a tensor dict)."""
 
 
-def _file_mode() -> int:
-    """The mode an ordinary new file gets under the process's umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _temporary_beside(path: Path) -> tuple[int, str]:
-    """A temporary file next to ``path`` with an ordinary file's mode (``mkstemp`` makes it 0600, so
-    renamed into place it would be unreadable to everyone but its owner)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _file_mode())
-    return fd, tmp
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temporary_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a safetensors file atomically, with PEFT's ``{"format": "pt"}`` metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temporary_beside(path)
+    fd, tmp = temporary_beside(path)
     os.close(fd)
     try:
         # safetensors refuses shared or strided storage: give each tensor its own contiguous copy.
         plain = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
         save_file(plain, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, _file_mode())  # safetensors writes the file anew
+        os.chmod(tmp, file_mode())  # safetensors writes the file anew
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from deltatune import data as datasets
-from deltatune.checkpoint import CheckpointError, CorruptCheckpointError, atomic_write_bytes
+from deltatune.atomic import atomic_write_bytes
+from deltatune.checkpoint import CheckpointError, CorruptCheckpointError
 from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.models import EMBEDDED_MODELS, load_model
 from deltatune.peft_model import PeftModel

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune import data as datasets
-from deltatune.checkpoint import atomic_write_bytes
+from deltatune.atomic import atomic_write_bytes
 from deltatune.run_folder import LATEST, read_summary
 
 logger = logging.getLogger("deltatune")

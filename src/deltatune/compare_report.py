@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from deltatune.checkpoint import atomic_write_bytes
+from deltatune.atomic import atomic_write_bytes
 
 PEFT_PROMISES = ("quality", "faster training", "lower memory", "compact checkpoints", "less forgetting")
 PEFT_PROMISES += ("less overfitting", "low-data regime")

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from deltatune.atomic import atomic_write_bytes
+
 logger = logging.getLogger("deltatune")
 
 CONFIG_NAME = "adapter_config.json"
@@ -131,8 +133,6 @@ class PeftConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` (sorted keys, indent 2, as PEFT) atomically into ``directory``."""
-        from deltatune.checkpoint import atomic_write_bytes
-
         path = Path(directory) / CONFIG_NAME
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(path, text.encode("utf-8"))
@@ -148,9 +148,11 @@ class PeftConfig:
             peft_type = data.get("peft_type")
             if peft_type is None:
                 raise ConfigError(f"{source}: no 'peft_type' field, so the adapter's method is unknown")
-            from deltatune.registry import get_method
-
-            return get_method(peft_type).config_class.from_dict(data, source=source)
+            config_class = _CONFIG_CLASSES.get(str(peft_type))
+            if config_class is None:
+                known = ", ".join(sorted(_CONFIG_CLASSES))
+                raise ConfigError(f"{source}: unknown peft_type {peft_type!r}; deltatune implements: {known}")
+            return config_class.from_dict(data, source=source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(
             k
@@ -177,6 +179,16 @@ class PeftConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object")
         return cls.from_dict(data, source=str(path))
+
+
+# peft_type -> the config class that reads it; deltatune.registry.register_method fills it, so that
+# reading a config needs no import of the registry (which imports this module).
+_CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
+
+
+def register_config_class(peft_type: PeftType | str, config_class: type[PeftConfig]) -> None:
+    """``PeftConfig.from_dict`` builds ``config_class`` for configs whose ``peft_type`` is ``peft_type``."""
+    _CONFIG_CLASSES[peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)] = config_class
 
 
 def _jsonable(value: Any) -> Any:

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from deltatune.config import ConfigError, PeftConfig, PeftType
+from deltatune.config import ConfigError, PeftConfig, PeftType, register_config_class
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,6 +44,7 @@ _METHODS: dict[str, Method] = {}
 
 def register_method(method: Method) -> Method:
     _METHODS[method.peft_type.value] = method
+    register_config_class(method.peft_type, method.config_class)
     return method
 
 

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from deltatune.checkpoint import atomic_write_bytes
+from deltatune.atomic import atomic_write_bytes
 from deltatune.config import CONFIG_NAME
 from deltatune.data import DataError
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.checkpoint import atomic_write_bytes
+from deltatune.atomic import atomic_write_bytes
 from deltatune.methods.bottleneck import find_blocks
 from deltatune.peft_model import PeftModel
 from deltatune.run_folder import LATEST
