@@ -14,6 +14,7 @@ pickle-based ``.bin`` files, which can run arbitrary code when loaded.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +25,6 @@ from torch import nn
 from deltatune import engine
 from deltatune.atomic import file_mode, temporary_beside
 from deltatune.config import UNSAFE_WEIGHTS_NAME, WEIGHTS_NAME
-from deltatune.modules_to_save import ModulesToSaveWrapper
 
 PREFIX = "base_model.model."
 
@@ -82,47 +82,24 @@ def load_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> di
     raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}: is this an adapter directory?")
 
 
-def trained_base_parameters(model: nn.Module, bias: str, adapter_name: str) -> dict[str, nn.Parameter]:
-    """Base-model biases an adapter trains (``bias="all"`` or ``"lora_only"``), by parameter path."""
-    if bias == "none":
-        return {}
-    layers = engine.adapter_layers(model)
-    # A ModulesToSaveWrapper's copies are saved whole; its original module stays as it was.
-    frozen_originals = {
-        id(p) for _, layer in layers if isinstance(layer, ModulesToSaveWrapper) for p in layer.base_layer.parameters()
-    }
-    adapter_params = {
-        id(p) for _, layer in layers for name in layer.adapter_names for p in layer.adapter_parameters(name)
-    }
-    if bias == "all":
-        return {
-            name: p
-            for name, p in model.named_parameters()
-            if name.rsplit(".", 1)[-1] == "bias" and id(p) not in adapter_params and id(p) not in frozen_originals
-        }
-    found: dict[str, nn.Parameter] = {}
-    for path, layer in layers:
-        if isinstance(layer, ModulesToSaveWrapper):
-            continue
-        base = engine.innermost(layer)
-        if adapter_name in layer.adapter_names and getattr(base, "bias", None) is not None:
-            found[f"{engine.checkpoint_path(path)}.base_layer.bias"] = base.bias
-    return found
-
-
 def adapter_state_dict(
-    model: nn.Module, adapter_name: str, bias: str = "none", prefix: str = PREFIX
+    model: nn.Module,
+    adapter_name: str,
+    trained_base: Mapping[str, torch.Tensor] | None = None,
+    prefix: str = PREFIX,
 ) -> dict[str, torch.Tensor]:
     """Adapter ``adapter_name``'s tensors under their HF PEFT checkpoint keys.
 
-    ``prefix`` is ``base_model.model.`` for layer methods; HF PEFT writes ``base_model.`` for the
-    modules trained next to a prompt-learning adapter (its model tree has one level less there).
+    ``trained_base`` are the base model's own parameters the adapter trains, by parameter path (its
+    config says which: :meth:`~deltatune.config.PeftConfig.trained_base_parameters`). ``prefix``
+    is ``base_model.model.`` for layer methods; HF PEFT writes ``base_model.`` for the modules
+    trained next to a prompt-learning adapter (its model tree has one level less there).
     """
     state: dict[str, torch.Tensor] = {}
     for path, layer in engine.adapter_layers(model):
         for key, tensor in layer.adapter_state_dict(adapter_name).items():
             state[f"{prefix}{engine.checkpoint_path(path)}.{key}"] = _whole(tensor)
-    for name, param in trained_base_parameters(model, bias, adapter_name).items():
+    for name, param in (trained_base or {}).items():
         state[prefix + name] = _whole(param)
     return state
 

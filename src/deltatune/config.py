@@ -16,9 +16,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from deltatune.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger("deltatune")
 
@@ -109,6 +112,11 @@ class PeftConfig:
     def is_prompt_learning(self) -> bool:
         """True for methods that change the model's inputs rather than its layers."""
         return False
+
+    def trained_base_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The base model's own parameters this adapter trains and saves, by parameter path (none
+        unless the method says otherwise, as LoRA's ``bias`` does)."""
+        return {}
 
     def for_loading(self) -> PeftConfig:
         """The config to build an adapter whose trained weights come from a file next (a method whose

@@ -298,7 +298,7 @@ class PeftModel(nn.Module):
         for name in self._active:
             config = self.peft_config[name]
             if not config.inference_mode:
-                trained_bias.update(checkpoint.trained_base_parameters(model, getattr(config, "bias", "none"), name))
+                trained_bias.update(config.trained_base_parameters(model, name))
         adapter_ids = {
             id(p)
             for _, layer in engine.adapter_layers(model)
@@ -518,7 +518,8 @@ class PeftModel(nn.Module):
             target = directory if name == "default" else directory / name
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
             prefix = PROMPT_LEARNING_PREFIX if config.is_prompt_learning else checkpoint.PREFIX
-            state = checkpoint.adapter_state_dict(self._model, name, getattr(config, "bias", "none"), prefix)
+            trained_base = config.trained_base_parameters(self._model, name)
+            state = checkpoint.adapter_state_dict(self._model, name, trained_base, prefix)
             if name in self.prompt_encoder:
                 state.update(self.prompt_encoder[name].adapter_state_dict())
             if not is_main_process:  # it still took part in gathering sharded tensors above

@@ -39,8 +39,9 @@ from torch import nn
 from deltatune import base_layers, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
-from deltatune.methods.lora_combine import COMBINATIONS, combine_factors
+from deltatune.methods.lora_combine import add_weighted_adapter
 from deltatune.methods.lora_kernel import FusedLoraLinear
+from deltatune.modules_to_save import ModulesToSaveWrapper
 from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
 
 
@@ -154,6 +155,33 @@ class LoraConfig(PeftConfig):
             return dataclasses.replace(self, init_lora_weights=True)
         return self
 
+    def trained_base_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The base biases ``bias`` trains, by parameter path: ``"all"`` every bias of the model,
+        ``"lora_only"`` those of the layers this adapter wraps, ``"none"`` none (PEFT's meaning)."""
+        if self.bias == "none":
+            return {}
+        layers = engine.adapter_layers(model)
+        # A ModulesToSaveWrapper's copies are saved whole; its original module stays as it was.
+        copied = [layer for _, layer in layers if isinstance(layer, ModulesToSaveWrapper)]
+        frozen_originals = {id(p) for layer in copied for p in layer.base_layer.parameters()}
+        adapter_params = {
+            id(p) for _, layer in layers for name in layer.adapter_names for p in layer.adapter_parameters(name)
+        }
+        if self.bias == "all":
+            return {
+                name: p
+                for name, p in model.named_parameters()
+                if name.rsplit(".", 1)[-1] == "bias" and id(p) not in adapter_params and id(p) not in frozen_originals
+            }
+        found: dict[str, nn.Parameter] = {}
+        for path, layer in layers:
+            if isinstance(layer, ModulesToSaveWrapper):
+                continue
+            base = engine.innermost(layer)
+            if adapter_name in layer.adapter_names and getattr(base, "bias", None) is not None:
+                found[f"{engine.checkpoint_path(path)}.base_layer.bias"] = base.bias
+        return found
+
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """``r`` and ``lora_alpha`` for one module, after ``rank_pattern`` / ``alpha_pattern``."""
         return (
@@ -178,6 +206,11 @@ class LoraLinear(AdapterLayer):
 
     containers = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
     per_adapter = ("scaling", "_merged_dora_norms")
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s (A, B) as (r, in) and (out, r) tensors."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
     # Use the fused autograd function where it applies; set False to run the plain graph.
     fused = True
 
@@ -519,6 +552,10 @@ class LoraEmbedding(AdapterLayer):
     containers = ("lora_embedding_A", "lora_embedding_B")
     per_adapter = ("scaling",)
 
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s (A, B) as (r, in) and (out, r) tensors."""
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
@@ -688,96 +725,6 @@ def attach_lora(model: nn.Module, adapter_name: str, config: PeftConfig) -> list
 
 
 # -- combining adapters ---------------------------------------------------------------------------
-def add_weighted_adapter(
-    peft_model: Any,
-    adapters: list[str],
-    weights: list[float],
-    adapter_name: str,
-    combination_type: str = "svd",
-    svd_rank: int | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
-) -> None:
-    """Add adapter ``adapter_name`` combining LoRA ``adapters`` with ``weights`` (HF PEFT's API).
-
-    ``combination_type``: ``"cat"``, ``"svd"``, ``"linear"``, ``"ties"`` or ``"ties_svd"``, as
-    :func:`deltatune.methods.lora_combine.combine_factors` defines them. The new adapter has
-    ``lora_alpha = r`` (scale 1): the weights and scales are folded into it.
-    """
-    if combination_type not in COMBINATIONS:
-        raise ConfigError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
-    if len(adapters) != len(weights) or not adapters:
-        raise ValueError("give one weight per adapter, and at least one adapter")
-    configs = []
-    for name in adapters:
-        config = peft_model.peft_config.get(name)
-        if not isinstance(config, LoraConfig):
-            raise ValueError(f"{name!r} is not a LoRA adapter; add_weighted_adapter combines LoRA adapters")
-        if config.use_dora:
-            raise ValueError(f"{name!r} uses DoRA, whose magnitude vector does not combine linearly")
-        configs.append(config)
-    if combination_type.startswith("ties") and (density is None or not 0 < density <= 1):
-        raise ValueError(f"combination_type={combination_type!r} needs density in (0, 1], got {density!r}")
-    layers = [
-        (path, layer)
-        for path, layer in engine.adapter_layers(peft_model.get_base_model())
-        if isinstance(layer, (LoraLinear, LoraEmbedding)) and any(a in layer.adapter_names for a in adapters)
-    ]
-    ranks = {_rank(layer, a) for _, layer in layers for a in adapters if a in layer.adapter_names}
-    if combination_type in ("linear", "ties") and len(ranks) > 1:
-        raise ValueError(
-            f"combination_type={combination_type!r} needs equal ranks, got {sorted(ranks)}; use 'svd' or 'cat'"
-        )
-    if combination_type == "cat":
-        new_rank = sum(max(_rank(layer, a) for _, layer in layers if a in layer.adapter_names) for a in adapters)
-    elif combination_type in ("linear", "ties"):
-        new_rank = ranks.pop()
-    else:
-        new_rank = svd_rank or max(ranks)
-    new_config = dataclasses.replace(
-        configs[0],
-        r=new_rank,
-        lora_alpha=new_rank,
-        target_modules=[engine.checkpoint_path(p) for p, _ in layers],
-        exclude_modules=None,
-        rank_pattern={},
-        alpha_pattern={},
-        use_rslora=False,
-        init_lora_weights=True,
-        layers_to_transform=None,
-        layers_pattern=None,
-        modules_to_save=None,
-        lora_bias=False,
-    )
-    peft_model.add_adapter(adapter_name, new_config)
-    for _, layer in layers:
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
-        A, B = combine_factors(
-            [tuple(t.detach().float() for t in _factors(layer, a)) for a, _ in present],
-            [layer.scaling[a] for a, _ in present],
-            [w for _, w in present],
-            combination_type,
-            new_rank,
-            density,
-            majority_sign_method,
-        )
-        target_A, target_B = _factors(layer, adapter_name)
-        with torch.no_grad():
-            target_A.zero_()[: A.shape[0]] = A.to(target_A.dtype)
-            target_B.zero_()[:, : B.shape[1]] = B.to(target_B.dtype)
-
-
-def _factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as (r, in) and (out, r) tensors for a linear or embedding LoRA layer."""
-    if isinstance(layer, LoraEmbedding):
-        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-    return layer.lora_A[name].weight, layer.lora_B[name].weight
-
-
-def _rank(layer: AdapterLayer, name: str) -> int:
-    return _factors(layer, name)[0].shape[0]
-
-
 LORA = register_method(
     Method(peft_type=PeftType.LORA, config_class=LoraConfig, attach=attach_lora, combine=add_weighted_adapter)
 )
