@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
+from deltatune.model_info import cache_argument
 from deltatune.models import resolve_model_path
-from deltatune.prompt_learning import cache_argument
 
 from conftest import VOCAB, perturb_trainable, tiny_inputs, tiny_model
 

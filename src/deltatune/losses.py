@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.model_info import unwrap_parallel
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16M floats, 64 MiB in float32
 # Config fields of models that transform the logits after the head (Gemma 2/3, Cohere, Granite, ...).
@@ -194,15 +196,9 @@ def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return x
 
 
-def _inner(model: Any) -> Any:
-    while hasattr(model, "module"):  # DistributedDataParallel
-        model = model.module
-    return model
-
-
 def plain_head(model: Any) -> nn.Linear | None:
     """The model's output head when the fused loss computes exactly what the model would; else None."""
-    inner = _inner(model)
+    inner = unwrap_parallel(model)
     if hasattr(model, "unshard") or hasattr(inner, "unshard"):  # FSDP: the head's weight is sharded
         return None
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner

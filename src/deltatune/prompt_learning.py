@@ -20,13 +20,13 @@ the virtual tokens, exactly as in the training forward pass.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from deltatune.config import ConfigError, PeftConfig, TaskType
+from deltatune.model_info import context_length, text_config
 
 
 @dataclasses.dataclass
@@ -74,7 +74,7 @@ class PromptLearningConfig(PeftConfig):
 
     def fill_from_model(self, model: nn.Module) -> None:
         """Set the fields left ``None`` from the model's config."""
-        config = _text_config(model)
+        config = text_config(model)
         if self.num_transformer_submodules is None:
             seq2seq = self.task_type == TaskType.SEQ_2_SEQ_LM or getattr(config, "is_encoder_decoder", False)
             self.num_transformer_submodules = 2 if seq2seq else 1
@@ -86,11 +86,6 @@ class PromptLearningConfig(PeftConfig):
             self.num_attention_heads = _first_attr(config, ("num_attention_heads", "num_heads", "n_head"))
 
 
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ConfigError("input methods need a transformers model (one with a .config)")
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _first_attr(config: Any, names: tuple[str, ...]) -> int:
@@ -101,23 +96,10 @@ def _first_attr(config: Any, names: tuple[str, ...]) -> int:
     raise ConfigError(f"the model config has none of {names}; set the field in the adapter config")
 
 
-def is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def cache_argument(model: nn.Module) -> str:
-    """The keyword the installed transformers uses for the KV cache: ``cache`` or ``past_key_values``."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
-def context_length(model: nn.Module) -> int | None:
-    config = _text_config(model)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_length(model: nn.Module, length: int, num_virtual_tokens: int) -> None:

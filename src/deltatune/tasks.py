@@ -23,7 +23,6 @@ gradients whether a batch is split over accumulation steps or processes or not.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from deltatune import conversations
 from deltatune.data import DataError
 from deltatune.losses import HeadLoss
+from deltatune.model_info import cache_argument, unwrap_parallel
 
 
 @dataclasses.dataclass
@@ -171,20 +171,14 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in BATCH_ONLY}
 
 
-def _unwrapped(model: Any) -> Any:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def _base_forward(model: Any) -> Any:
-    inner = _unwrapped(model)
-    return inner.get_base_model().forward if hasattr(inner, "get_base_model") else inner.forward
+def _base_model(model: Any) -> Any:
+    inner = unwrap_parallel(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _cache_off(model: Any) -> bool:
     """No KV cache in training: gradient checkpointing (transformers turns it off) or compiled blocks."""
-    inner = _unwrapped(model)
+    inner = unwrap_parallel(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     config = getattr(base, "config", None)
     checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.x
@@ -335,7 +329,7 @@ class LabelGeneration(Task):
         ones = torch.ones(rest.shape[0], p, dtype=rest_mask.dtype, device=rest_mask.device)
         mask = torch.cat([ones, rest_mask], dim=1)
         positions = (p + rest_mask.cumsum(-1) - 1).clamp(min=p)
-        name = "cache" if "cache" in inspect.signature(_base_forward(model)).parameters else "past_key_values"
+        name = cache_argument(_base_model(model))
         out = model(
             input_ids=rest,
             attention_mask=mask,
@@ -577,7 +571,7 @@ class Seq2Seq(Task):
     def loss_sum(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         inputs = model_inputs(batch)
         labels = inputs.pop("labels")
-        base = _unwrapped(model)
+        base = unwrap_parallel(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         if hasattr(base, "prepare_decoder_input_ids_from_labels"):  # no second loss inside the model
             inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.atomic import atomic_write_bytes
-from deltatune.methods.bottleneck import find_blocks
+from deltatune.model_info import find_blocks
 from deltatune.peft_model import PeftModel
 from deltatune.run_folder import LATEST
 from deltatune.tasks import Example, Task

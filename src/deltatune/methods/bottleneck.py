@@ -41,6 +41,7 @@ from torch import nn
 from deltatune import base_layers, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
+from deltatune.model_info import find_blocks
 from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -132,17 +133,6 @@ def _matching(paths: Sequence[str], names: Sequence[str]) -> list[str]:
     return [p for p in paths if any(p == n or p.endswith("." + n) for n in names)]
 
 
-def find_blocks(model: nn.Module) -> list[str]:
-    """Paths of the repeated transformer blocks: children of the outermost ``nn.ModuleList``\\ s."""
-    linear = engine.linear_types()
-    blocks: list[str] = []
-    for path, module in engine.visible_modules(model):
-        if not isinstance(module, nn.ModuleList) or any(path.startswith(b + ".") for b in blocks):
-            continue
-        children = [f"{path}.{name}" for name, _ in module.named_children()]
-        if any(isinstance(engine.innermost(m), linear) for c in module.children() for m in c.modules()):
-            blocks.extend(children)
-    return blocks
 
 
 def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[InsertionPoint]:

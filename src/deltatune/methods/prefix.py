@@ -30,16 +30,14 @@ import torch
 from torch import nn
 
 from deltatune.config import ConfigError, PeftType
+from deltatune.model_info import cache_argument, is_encoder_decoder, text_config
 from deltatune.prompt_learning import (
     InputAdapter,
     PromptLearningConfig,
-    _text_config,
     batch_and_length,
-    cache_argument,
     check_length,
     dummy_prefix,
     fit_output_layer,
-    is_encoder_decoder,
     prepend,
     shift_length_limits,
     virtual_ids,
@@ -92,7 +90,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
 def attention_layout(model: nn.Module) -> tuple[int, int, int]:
     """(attention layers that take the prefix, key/value heads, head dim) from the model config."""
-    config = _text_config(model)
+    config = text_config(model)
     if getattr(config, "is_encoder_decoder", False):
         layers = getattr(config, "num_decoder_layers", None) or config.num_layers
     else:
@@ -227,7 +225,7 @@ def _rows_per_input(model: nn.Module, kwargs: dict[str, Any]) -> int:
 
 def _new_cache(cache_class: type, model: nn.Module) -> Any:
     try:
-        return cache_class(config=_text_config(model))
+        return cache_class(config=text_config(model))
     except TypeError:  # transformers releases whose caches take no config
         return cache_class()
 

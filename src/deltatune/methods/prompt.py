@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from deltatune.config import ConfigError, PeftType
+from deltatune.model_info import is_encoder_decoder
 from deltatune.prompt_learning import (
     InputAdapter,
     PromptLearningConfig,
@@ -30,7 +31,6 @@ from deltatune.prompt_learning import (
     check_length,
     dummy_prefix,
     fit_output_layer,
-    is_encoder_decoder,
     prepend,
     virtual_ids,
 )
