@@ -592,3 +592,12 @@ def test_add_weighted_adapter_errors(tmp_path):
     with pytest.raises(ValueError, match="combination_type"):
         pm.add_weighted_adapter(["a", "c"], [0.5, 0.5], "unknown", combination_type="nope")
     assert set(pm.peft_config) == {"a", "b", "c", "d", "bn"}
+
+
+def test_stack_refuses_adapters_that_cannot_be_stacked():
+    pm = dt.get_peft_model(tiny_model("llama"), dt.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    pm.add_adapter("b", dt.LoraConfig(r=2, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match=r"Stack chains bottleneck adapters.*\['a', 'b'\] cannot be stacked"):
+        pm.set_adapter(dt.Stack("a", "b"))
+    pm.set_adapter(["a", "b"])  # as a list their updates add
+    assert pm.active_adapters == ["a", "b"]

@@ -51,6 +51,11 @@ class AdapterLayer(nn.Module):
 
     containers: tuple[str, ...] = ()
     per_adapter: tuple[str, ...] = ()
+    # How several active adapters combine: "parallel" (their updates add) or "stack" (each reads
+    # the previous one's output), set by PeftModel.set_adapter; only stackable layers (bottleneck
+    # adapters) read it.
+    composition: str = "parallel"
+    stackable: bool = False
     # Where this wrapper sits when several methods adapt one module: lower is closer to the base
     # layer. Methods that change the weight (LoRA, IA3) sit innermost, so merging reaches the weight;
     # methods that transform the layer's output (bottleneck adapters) wrap them.

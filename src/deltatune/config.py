@@ -81,6 +81,8 @@ class PeftConfig:
         base_model_name_or_path: recorded on save so a user (and ``deltatune inspect``) knows the base.
         revision: the base model's revision, recorded for the same reason.
         inference_mode: True for adapters loaded for inference (their parameters are frozen).
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a task head);
+            every method has the field (HF PEFT's name), each documents it for itself.
     """
 
     peft_type: PeftType | str | None = None
@@ -88,6 +90,7 @@ class PeftConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    modules_to_save: list[str] | None = None
 
     # Fields written even when they hold the default: PEFT or downstream tools (vLLM) read them.
     always_written: ClassVar[tuple[str, ...]] = (

@@ -205,7 +205,7 @@ class PeftModel(nn.Module):
                 self.prompt_encoder[adapter_name] = method.input_adapter(model, config)
             else:
                 method.attach(model, adapter_name, config)
-            self._attach_modules_to_save(adapter_name, getattr(config, "modules_to_save", None))
+            self._attach_modules_to_save(adapter_name, config.modules_to_save)
         except Exception:
             self._detach(adapter_name)
             raise
@@ -266,6 +266,16 @@ class PeftModel(nn.Module):
         inputs = [n for n in names if n in self.prompt_encoder]
         if len(inputs) > 1:
             raise ValueError(f"only one prompt/prefix adapter can be active at a time, got {inputs}")
+        if isinstance(adapter_name, Stack):
+            plain = [
+                layer for layer in self._layers() if not layer.stackable and not isinstance(layer, ModulesToSaveWrapper)
+            ]
+            flat = sorted({n for n in names for layer in plain if n in layer.adapter_names} | set(inputs))
+            if flat:
+                raise ValueError(
+                    f"Stack chains bottleneck adapters, each reading the previous one's output; {flat} "
+                    "cannot be stacked: give a list (their updates add) instead"
+                )
         self._active = names
         self._sync_layers()
 
@@ -289,8 +299,7 @@ class PeftModel(nn.Module):
             adapter.set_trainable(name in self._active and not self.peft_config[name].inference_mode)
         for _, layer in engine.adapter_layers(model):
             layer.active_adapters = list(self._active)
-            if hasattr(layer, "composition"):
-                layer.composition = self._composition
+            layer.composition = self._composition
             for name in layer.adapter_names:
                 config = self.peft_config.get(name)
                 layer.set_trainable(name, name in self._active and config is not None and not config.inference_mode)

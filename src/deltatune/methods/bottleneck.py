@@ -218,6 +218,7 @@ class BottleneckLayer(AdapterLayer):
     """
 
     containers = ("adapter_down", "adapter_up")
+    stackable = True
     per_adapter = ("scaling", "activation", "reads_block_input")
     nesting = 10
 
