@@ -415,11 +415,9 @@ def describe_adapter(directory: Path) -> dict[str, Any]:
                 "adapter size": f"{weights_file.stat().st_size / 2**20:.2f} MiB",
             }
         )
-        for field in ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "num_virtual_tokens", "placement"):
-            if getattr(config, field, None) not in (None, [], False):
+        for field in (*config.described, "modules_to_save"):  # each method says what describes it
+            if getattr(config, field) not in (None, [], False):
                 info[field] = getattr(config, field)
-        if getattr(config, "modules_to_save", None):
-            info["modules_to_save"] = config.modules_to_save
     if trained.spec is not None:
         info["task"] = trained.spec.kind
         if trained.spec.labels:

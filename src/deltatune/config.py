@@ -92,6 +92,8 @@ class PeftConfig:
     inference_mode: bool = False
     modules_to_save: list[str] | None = None
 
+    # Fields `deltatune inspect` shows (when set), besides the method, task and sizes.
+    described: ClassVar[tuple[str, ...]] = ()
     # Fields written even when they hold the default: PEFT or downstream tools (vLLM) read them.
     always_written: ClassVar[tuple[str, ...]] = (
         "peft_type",

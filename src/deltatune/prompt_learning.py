@@ -43,6 +43,8 @@ class PromptLearningConfig(PeftConfig):
         modules_to_save: modules trained in full next to the prompt (e.g. a classifier head).
     """
 
+    described: ClassVar[tuple[str, ...]] = ("num_virtual_tokens",)
+
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
     num_transformer_submodules: int | None = None

@@ -67,6 +67,10 @@ class TrainingDefaults:
         tasks: values that differ for one task kind (``{"seq-cls": {"lr": 1e-3}}``): they beat both
             the method's own and the task's (``deltatune.tasks.task_training_defaults``).
         source: where the values come from (paper, measurement), shown by ``--help``'s reader.
+        config: ``config(options, common) -> PeftConfig``, the adapter config ``train``'s options
+            describe (None: full fine-tuning, no adapter). ``options`` are the command's options by
+            name; ``common`` the generic ones already parsed: ``task_type``, ``target_modules``,
+            ``exclude_modules``, ``layers_to_transform``, ``modules_to_save``.
     """
 
     lr: float
@@ -74,6 +78,7 @@ class TrainingDefaults:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     source: str = ""
+    config: Callable[[Mapping[str, Any], Mapping[str, Any]], PeftConfig] | None = None
 
     def get(self, option: str, fallback: Any = None) -> Any:
         """The method's own value, whatever the task."""

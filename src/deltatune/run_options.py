@@ -19,6 +19,7 @@ from torch import nn
 
 from deltatune import data as datasets
 from deltatune.config import PeftConfig
+from deltatune.registry import training_defaults
 
 logger = logging.getLogger("deltatune")
 
@@ -77,7 +78,6 @@ def with_method_defaults(
     """``options`` with each defaulted option the user did not give set to its default for this method
     and task: the method's value for the task, else the task's (``task_training_defaults``), else the
     method's own, else the run's (``METHOD_FALLBACKS``, or the command line's default)."""
-    from deltatune.registry import training_defaults
     from deltatune.tasks import task_training_defaults
 
     defaults = training_defaults(options["method"])
@@ -164,65 +164,20 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
-    """The adapter config for ``--method`` (None for full fine-tuning)."""
-    from deltatune import BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-    from deltatune.methods.ia3 import IA3Config
-
-    task_type = {"seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(task_kind, "CAUSAL_LM")
-    method = options["method"]
+    """The adapter config for ``--method`` (None for full fine-tuning): the method's own builder
+    (``TrainingDefaults.config``, in its module) from the options and the generic ones parsed here."""
+    build = training_defaults(options["method"]).config
+    if build is None:
+        return None
     targets = options["targets"]
-    target_modules: Any = targets if targets in (None, "all-linear") else _names(targets)
-    tokens = options["virtual_tokens"]
-    narrowing = {
+    common = {
+        "task_type": {"seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(task_kind, "CAUSAL_LM"),
+        "target_modules": targets if targets in (None, "all-linear") else _names(targets),
+        "exclude_modules": _names(options.get("exclude_modules")),
         "layers_to_transform": parse_layers(options.get("layers_to_transform")),
         "modules_to_save": _names(options.get("modules_to_save")),
     }
-    if method in ("lora", "dora"):
-        init = str(options.get("init_lora_weights") or "true")
-        return LoraConfig(
-            r=options["r"],
-            lora_alpha=options["alpha"],
-            lora_dropout=options["dropout"],
-            target_modules=target_modules,
-            exclude_modules=_names(options.get("exclude_modules")),
-            use_dora=method == "dora",
-            use_rslora=bool(options.get("use_rslora")),
-            init_lora_weights={"true": True, "false": False}.get(init.lower(), init),
-            task_type=task_type,
-            **narrowing,
-        )
-    if method == "ia3":
-        return IA3Config(
-            target_modules=target_modules,
-            exclude_modules=_names(options.get("exclude_modules")),
-            task_type=task_type,
-            **narrowing,
-        )
-    if method == "prompt":  # "task": the table is set from the task's words after the model is wrapped
-        init = {"vocab": "SAMPLE_VOCAB"}.get(options.get("virtual_init") or "", "RANDOM")
-        return PromptTuningConfig(num_virtual_tokens=tokens, prompt_tuning_init=init, task_type=task_type)
-    if method == "ptuning":
-        return PromptEncoderConfig(
-            num_virtual_tokens=tokens,
-            encoder_hidden_size=options.get("encoder_hidden_size") or 128,
-            encoder_reparameterization_type=options.get("encoder_type") or "MLP",
-            task_type=task_type,
-        )
-    if method == "prefix":
-        return PrefixTuningConfig(
-            num_virtual_tokens=tokens,
-            prefix_projection=bool(options.get("prefix_projection")),
-            encoder_hidden_size=options.get("encoder_hidden_size"),
-            task_type=task_type,
-        )
-    if method == "adapter":
-        return BottleneckConfig(
-            reduction_factor=options["reduction_factor"],
-            placement=options["placement"],
-            task_type=task_type,
-            **narrowing,
-        )
-    return None
+    return build(options, common)
 
 
 def check_targets(model: nn.Module, options: dict[str, Any]) -> None:

@@ -77,6 +77,8 @@ class BottleneckConfig(PeftConfig):
         modules_to_save: modules trained in full next to the adapters (e.g. a classifier head).
     """
 
+    described: ClassVar[tuple[str, ...]] = ("placement", "reduction_factor", "bottleneck_size")
+
     reduction_factor: int = 16
     bottleneck_size: int | None = None
     non_linearity: str = "relu"
@@ -391,5 +393,12 @@ register_training_defaults(
         options={"reduction_factor": 16},
         tasks={"seq-cls": {"lr": 1e-3}},
         source="Houlsby et al. 2019's range; lr measured",
+        config=lambda options, common: BottleneckConfig(
+            reduction_factor=options["reduction_factor"],
+            placement=options["placement"],
+            task_type=common["task_type"],
+            layers_to_transform=common["layers_to_transform"],
+            modules_to_save=common["modules_to_save"],
+        ),
     ),
 )

@@ -84,6 +84,8 @@ class IA3Config(PeftConfig):
             lists the adapted modules' paths.
     """
 
+    described: ClassVar[tuple[str, ...]] = ("target_modules", "feedforward_modules")
+
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
@@ -408,5 +410,6 @@ register_training_defaults(
         options={"targets": None},
         tasks={"seq-cls": {"lr": 2e-2}},
         source="T-Few trains at 3e-3; lr measured",
+        config=lambda options, common: IA3Config(**common),
     ),
 )

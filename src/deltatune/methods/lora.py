@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -76,6 +77,8 @@ class LoraConfig(PeftConfig):
         use_dora: weight-decomposed LoRA.
         lora_bias: give ``B`` a trained bias.
     """
+
+    described: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules")
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -732,9 +735,34 @@ LORA = register_method(
 # `deltatune train` defaults: all linear layers at r=16, alpha=32 (Dettmers et al. 2023 find all-linear
 # LoRA matches full fine-tuning where attention-only does not); 5e-4 measured on rotten-tomatoes.
 _LORA_DEFAULTS = {"targets": "all-linear"}  # r=16, alpha=32: the --r/--alpha flags' own defaults
+
+
+def config_from_options(options: Mapping[str, Any], common: Mapping[str, Any], use_dora: bool = False) -> LoraConfig:
+    """The LoRA (or DoRA) config ``deltatune train``'s options describe."""
+    init = str(options.get("init_lora_weights") or "true")
+    return LoraConfig(
+        r=options["r"],
+        lora_alpha=options["alpha"],
+        lora_dropout=options["dropout"],
+        use_dora=use_dora,
+        use_rslora=bool(options.get("use_rslora")),
+        init_lora_weights={"true": True, "false": False}.get(init.lower(), init),
+        **common,
+    )
+
+
 register_training_defaults(
-    "lora", TrainingDefaults(lr=5e-4, options=_LORA_DEFAULTS, source="all-linear r=16 (QLoRA paper); lr measured")
+    "lora",
+    TrainingDefaults(
+        lr=5e-4, options=_LORA_DEFAULTS, source="all-linear r=16 (QLoRA paper); lr measured", config=config_from_options
+    ),
 )
 register_training_defaults(
-    "dora", TrainingDefaults(lr=5e-4, options=_LORA_DEFAULTS, source="as LoRA (Liu et al. 2024 use LoRA's settings)")
+    "dora",
+    TrainingDefaults(
+        lr=5e-4,
+        options=_LORA_DEFAULTS,
+        source="as LoRA (Liu et al. 2024 use LoRA's settings)",
+        config=lambda options, common: config_from_options(options, common, use_dora=True),
+    ),
 )

@@ -250,5 +250,11 @@ register_training_defaults(
         options={"virtual_tokens": 20, "prefix_projection": False, "virtual_init": "task"},
         tasks={"seq-cls": {"lr": 2e-2}},
         source="Li and Liang 2021 (real-token init); lr measured on rotten-tomatoes",
+        config=lambda options, common: PrefixTuningConfig(
+            num_virtual_tokens=options["virtual_tokens"],
+            prefix_projection=bool(options.get("prefix_projection")),
+            encoder_hidden_size=options.get("encoder_hidden_size"),
+            task_type=common["task_type"],
+        ),
     ),
 )

@@ -306,6 +306,12 @@ register_training_defaults(
         options={"virtual_tokens": 20, "virtual_init": "task"},
         tasks={"seq-cls": {"lr": 1e-1}},
         source="Lester et al. 2021 (label/task-word init); lr measured",
+        # "task": the table is set from the task's words after the model is wrapped
+        config=lambda options, common: PromptTuningConfig(
+            num_virtual_tokens=options["virtual_tokens"],
+            prompt_tuning_init={"vocab": "SAMPLE_VOCAB"}.get(options.get("virtual_init") or "", "RANDOM"),
+            task_type=common["task_type"],
+        ),
     ),
 )
 register_training_defaults(
@@ -315,5 +321,11 @@ register_training_defaults(
         options={"virtual_tokens": 20, "virtual_init": "task", "encoder_hidden_size": 128},
         tasks={"seq-cls": {"lr": 3e-2, "encoder_type": "LSTM"}},
         source="Liu et al. 2021 (MLP encoder); lr measured",
+        config=lambda options, common: PromptEncoderConfig(
+            num_virtual_tokens=options["virtual_tokens"],
+            encoder_hidden_size=options.get("encoder_hidden_size") or 128,
+            encoder_reparameterization_type=options.get("encoder_type") or "MLP",
+            task_type=common["task_type"],
+        ),
     ),
 )
