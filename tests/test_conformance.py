@@ -188,3 +188,25 @@ def test_bf16_autocast_trains_with_float32_gradients(peft_type, case, kind):
     out.logits.float().pow(2).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "case", "kind"), [p for p in PARAMS if (p.values[0], p.values[2]) not in NOT_IN_PEFT]
+)
+def test_an_adapter_peft_wrote_loads_back_equal(peft_type, case, kind, tmp_path):
+    model = _build(peft_type, case, kind)
+    expected = _out(model, kind)
+    model.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_model(kind).eval(), str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))  # PEFT's own writing of the same adapter
+    back = dt.PeftModel.from_pretrained(tiny_model(kind), tmp_path / "theirs").eval()
+    torch.testing.assert_close(_out(back, kind), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("peft_type", "case", "kind"), PARAMS)
+def test_adapters_are_made_on_the_base_models_device(peft_type, case, kind):
+    with torch.device("meta"):
+        base = tiny_model(kind)
+    model = dt.get_peft_model(base, CASES[peft_type][case](kind))
+    misplaced = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not misplaced, f"made off the base's device: {misplaced[:5]}"
