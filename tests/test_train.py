@@ -441,3 +441,24 @@ def test_adapter_trainer_keeps_the_base_models_columns(tmp_path):
     rows = [dict(row, note="unused") for row in lm_dataset(8)]
     trainer = AdapterTrainer(model=model, args=hf_args(tmp_path, max_steps=1, save_strategy="no"), train_dataset=rows)
     assert trainer.train().global_step == 1
+
+
+def test_an_interrupt_inside_a_step_takes_effect_when_the_step_ends():
+    import os
+    import signal
+
+    from deltatune.train import interrupts_between_steps
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_between_steps():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered now, deferred
+            finished.append("the rest of the step")
+    assert finished == ["the rest of the step"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_between_steps():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # a second one: at once
+            finished.append("never")
+    assert finished == ["the rest of the step"]

@@ -28,6 +28,8 @@ import os
 import random
 import resource
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -326,17 +328,18 @@ class Trainer:
         started = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                loss = self.train_step()
-                self.train_seconds += time.perf_counter() - t0
-                record = {
-                    "step": self.step,
-                    "loss": loss,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": self.train_tokens * self.dist.world / max(self.train_seconds, 1e-9),
-                    "elapsed_s": time.perf_counter() - started,
-                }
-                self._log(record)
+                with interrupts_between_steps():  # a checkpoint saved on Ctrl-C matches the log
+                    t0 = time.perf_counter()
+                    loss = self.train_step()
+                    self.train_seconds += time.perf_counter() - t0
+                    record = {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": self.train_tokens * self.dist.world / max(self.train_seconds, 1e-9),
+                        "elapsed_s": time.perf_counter() - started,
+                    }
+                    self._log(record)
                 if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
                     self._evaluate_and_keep_best()
                     if self._patience_ran_out():
@@ -486,6 +489,33 @@ def evaluate(
                 totals[key] = totals[key] + value if key in totals else value
     model.train(was_training)
     return task.metrics(distributed.all_sum(totals))
+
+
+@contextlib.contextmanager
+def interrupts_between_steps() -> Any:
+    """Ctrl-C (SIGINT) inside the block takes effect when it ends; a second one at once.
+
+    A training step is one unit: interrupted between the optimizer's update and the step counter
+    or the log line, the checkpoint saved on the interrupt would hold weights the log and the
+    counter do not account for, and ``--resume`` would not give the uninterrupted run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def defer(signum: int, frame: Any) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, defer)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
