@@ -286,3 +286,24 @@ def test_sentiment_tokens_under_smollm2():
     plain = data.sentiment_template(tok)
     assert not plain.chat and plain.answers == (" negative", " positive")
     assert tok.convert_ids_to_tokens(list(plain.answer_token_ids)) == ["Ġnegative", "Ġpositive"]
+
+
+def test_the_run_reads_a_user_file_once_whether_or_not_it_holds_conversations(tmp_path, monkeypatch):
+    from deltatune import data
+    from deltatune.run import read_records
+
+    reads = []
+    real = data._read_text
+    monkeypatch.setattr(data, "_read_text", lambda path: reads.append(path) or real(path))
+    table = tmp_path / "reviews.csv"
+    table.write_text("text,label,extra\ngood,1,x\nbad,0,y\n")
+    assert read_records(table, ["text", "label"], "error") == [
+        {"text": "good", "label": "1"},
+        {"text": "bad", "label": "0"},
+    ]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"prompt": "Hi?", "completion": "Hello."}\n')
+    assert read_records(chat, ["response"], "error") == [
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    ]
+    assert reads == [table, chat]

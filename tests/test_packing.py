@@ -45,9 +45,7 @@ def test_rows_fit_keep_every_token_and_restart_positions():
 
 def _loss_and_grads(model, task, examples):
     model.zero_grad()
-    loss = sum(task.loss_sum(model, task.collate([e])) for e in examples) if len(examples) > 1 else None
-    if loss is None:
-        loss = task.loss_sum(model, task.collate(examples))
+    loss = sum(task.loss_sum(model, task.collate([e])) for e in examples)  # each row on its own
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 

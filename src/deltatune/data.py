@@ -437,7 +437,7 @@ def _is_empty(value: Any) -> bool:
 
 def load_records(
     path: str | os.PathLike[str],
-    columns: Sequence[str] | Mapping[str, str] | None = None,
+    columns: Sequence[str] | Mapping[str, str] | Callable[[dict[str, Any]], Any] | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
 ) -> list[dict[str, Any]]:
     """Read a user data file into a list of dicts.
@@ -449,7 +449,8 @@ def load_records(
 
     ``columns`` says which fields are required and returned: ``None`` returns every field as is;
     a sequence of names requires those and returns only them; a mapping ``{name: file_column}``
-    requires the file columns and returns them under the new names (e.g. ``{"text": "review"}``).
+    requires the file columns and returns them under the new names (e.g. ``{"text": "review"}``);
+    a function of the first record gives one of those (the file is read once either way).
     A required column absent from the whole file is always an error that lists the columns the
     file does have. A row whose required value is missing or blank is a bad row: ``on_bad_row``
     ``"error"`` (default) raises, ``"skip"`` drops it and logs how many were dropped.
@@ -478,15 +479,6 @@ def load_records(
     if suffix != "(folder)" and not path.is_file():
         raise DataError(f"{path}: no such file")
 
-    if columns is None:
-        mapping: dict[str, str] | None = None
-    elif isinstance(columns, Mapping):
-        mapping = dict(columns)
-    elif isinstance(columns, str):
-        mapping = {columns: columns}
-    else:
-        mapping = {c: c for c in columns}
-
     rows: Iterable[tuple[str, Any]]
     if suffix == "(folder)":
         rows = _iter_saved_dataset(path)
@@ -514,6 +506,16 @@ def load_records(
         logger.warning("%s: skipped %d malformed rows", path, malformed)
     if not raw:
         raise DataError(f"{path}: no records")
+    if callable(columns):
+        columns = columns(raw[0][1])
+    if columns is None:
+        mapping: dict[str, str] | None = None
+    elif isinstance(columns, Mapping):
+        mapping = dict(columns)
+    elif isinstance(columns, str):
+        mapping = {columns: columns}
+    else:
+        mapping = {c: c for c in columns}
 
     if mapping is None:
         return [record for _, record in raw]

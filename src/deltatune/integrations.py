@@ -21,15 +21,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from deltatune.model_info import unwrap_parallel
 from deltatune.peft_model import PeftModel
-
-
-def unwrap_model(model: Any) -> Any:
-    """``model`` without DistributedDataParallel-style ``.module`` wrappers."""
-    while hasattr(model, "module") and not isinstance(model, PeftModel):
-        model = model.module
-    return model
-
 
 # Modules whose module-level PEFT test (and TRL's adapter switch) the trainers answer for deltatune.
 _MODULES = (
@@ -45,7 +38,7 @@ _depth = 0
 
 def is_deltatune_model(model: Any) -> bool:
     """Whether ``model`` (possibly inside DDP / ``torch.compile`` wrappers) is a deltatune PeftModel."""
-    return isinstance(unwrap_model(getattr(model, "_orig_mod", model)), PeftModel)
+    return isinstance(unwrap_parallel(getattr(model, "_orig_mod", model)), PeftModel)
 
 
 def _test_also_for_deltatune(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -65,7 +58,7 @@ def _switch_also_for_deltatune(original: Callable[..., Any]) -> Callable[..., An
             with original(model, adapter_name):
                 yield
             return
-        model = unwrap_model(model)
+        model = unwrap_parallel(model)
         if adapter_name is None:
             with model.disable_adapter():
                 yield
@@ -127,7 +120,7 @@ class AdapterSaving:
     """A Trainer mixin: a deltatune model is saved as its adapters, in PEFT's files, with the tokenizer."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        model = unwrap_model(self.model)
+        model = unwrap_parallel(self.model)
         if not isinstance(model, PeftModel):
             return super()._save(output_dir, state_dict)
         output = Path(output_dir or self.args.output_dir)
@@ -156,11 +149,11 @@ class SaveAdapterCallback(TrainerCallback):
     """Writes the adapters into each ``checkpoint-N`` folder and the output folder of a stock Trainer."""
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        model = unwrap_model(model)
+        model = unwrap_parallel(model)
         if isinstance(model, PeftModel) and state.is_world_process_zero:
             model.save_pretrained(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        model = unwrap_model(model)
+        model = unwrap_parallel(model)
         if isinstance(model, PeftModel) and state.is_world_process_zero:
             model.save_pretrained(args.output_dir)

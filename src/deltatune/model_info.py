@@ -18,9 +18,10 @@ from deltatune.config import ConfigError
 
 
 def unwrap_parallel(model: Any) -> Any:
-    """``model`` without DistributedDataParallel-style ``.module`` wrappers."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+    """``model`` without DistributedDataParallel-style wrappers (a module whose own child is
+    ``module``; an attribute a model merely forwards, as PeftModel forwards its base's, is not one)."""
+    while isinstance(getattr(model, "_modules", {}).get("module"), nn.Module):
+        model = model._modules["module"]
     return model
 
 

@@ -300,10 +300,13 @@ def _packed(task: Task, examples: list[Any], options: dict[str, Any], say: Any) 
 def read_records(path: str | Path, columns: list[str] | None, on_bad_row: str) -> list[dict[str, Any]]:
     """A user file's records: conversations (any format of :mod:`deltatune.conversations`) as
     ``{"messages": [...]}``, other data with ``columns`` required and kept."""
-    records = datasets.load_records(path, on_bad_row=on_bad_row)
+    def wanted(first: dict[str, Any]) -> list[str] | None:
+        return None if conversations.conversation_format(first) is not None else columns
+
+    records = datasets.load_records(path, columns=wanted, on_bad_row=on_bad_row)
     if conversations.conversation_format(records[0]) is not None:
         return conversations.as_conversations(records, str(path), on_bad_row)
-    return records if columns is None else datasets.load_records(path, columns=columns, on_bad_row=on_bad_row)
+    return records
 
 
 def _limit(records: list[Any], count: int) -> list[Any]:

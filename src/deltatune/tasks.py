@@ -178,8 +178,7 @@ def _base_model(model: Any) -> Any:
 
 def _cache_off(model: Any) -> bool:
     """No KV cache in training: gradient checkpointing (transformers turns it off) or compiled blocks."""
-    inner = unwrap_parallel(model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = _base_model(model)
     config = getattr(base, "config", None)
     checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.x
     if checkpointing is None:
@@ -445,28 +444,29 @@ class CausalLM(Task):
             "tokens": sum(len(e.input_ids) for e in examples),
         }
 
-    def loss_sum(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        labels = batch["lm_labels"]
-        labelled = (labels != -100).any(0).nonzero()
-        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
-        keep = labels.shape[1] - first + 1  # logits at t predict token t + 1
-        targets = labels[:, labels.shape[1] - keep + 1 :]
-        inputs = {**model_inputs(batch), "logits_to_keep": keep}
-        return self.head_loss.loss_sum(model, inputs, targets, lambda out: out[:, -keep:-1] if keep > 1 else out[:, :0])
-
-    def eval_sums(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        """Loss and token accuracy over the labelled (response, or assistant-turn) tokens."""
+    @staticmethod
+    def _labelled_window(model: Any, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+        """The model's logits from the first labelled position on (a callable) and their targets:
+        the head runs only where some row has a label (logits at t predict token t + 1)."""
         labels = batch["lm_labels"]
         labelled = (labels != -100).any(0).nonzero()
         first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
         keep = labels.shape[1] - first + 1
-        targets = labels[:, labels.shape[1] - keep + 1 :]
         inputs = {**model_inputs(batch), "logits_to_keep": keep}
 
         def outputs() -> torch.Tensor:
             out = model(**inputs).logits
             return out[:, -keep:-1] if keep > 1 else out[:, :0]
 
+        return outputs, labels[:, labels.shape[1] - keep + 1 :]
+
+    def loss_sum(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        outputs, targets = self._labelled_window(model, batch)
+        return self.head_loss.loss_sum_of(model, outputs, targets)
+
+    def eval_sums(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        """Loss and token accuracy over the labelled (response, or assistant-turn) tokens."""
+        outputs, targets = self._labelled_window(model, batch)
         total, hits = self.head_loss.loss_and_hits_of(model, outputs, targets)
         return {"loss_sum": float(total), "hits": int(hits), "units": batch["units"]}
 
