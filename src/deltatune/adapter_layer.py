@@ -9,12 +9,25 @@ checkpoint key is the module path plus the container name with the adapter name 
 The wrapper keeps its own routing state, set by :class:`~deltatune.peft_model.PeftModel`:
 ``active_adapters`` (their outputs add up), ``disabled`` (the base module alone) and
 ``merged_adapters`` (folded into the base weight, so the forward skips them).
+
+The base class owns the dispatch every method would otherwise repeat. :meth:`AdapterLayer.forward`
+picks the mixed-rows form when a batch carries one adapter per row and otherwise the adapters that
+are active, present here and not merged; :meth:`AdapterLayer.merge` and :meth:`AdapterLayer.unmerge`
+walk the adapters in order and keep the rounding error a quantized base reports. A method supplies:
+
+* :meth:`AdapterLayer.adapted_forward`: the output with a given set of adapters (none: the base);
+* :meth:`AdapterLayer.mixed_forward`, only where it has a faster form than the default, which
+  runs each row group through :meth:`adapted_forward` (one call per adapter in the batch);
+* :meth:`AdapterLayer.merge_one` / :meth:`AdapterLayer.unmerge_one`, where its update folds into
+  the weight;
+* ``containers`` and ``per_adapter``: its per-adapter state, which :meth:`delete_adapter` clears.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,6 +81,9 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_routing: RowRouting | None = None
+        # The largest change that requantizing a 4-bit/8-bit base weight made in the last merge or
+        # unmerge (0 on a float base): what folding an adapter into a quantized base cost.
+        self.rounding_error = 0.0
 
     def __getattr__(self, name: str):
         # Model code reads attributes of the layer it built (T5 reads `self.wo.weight.dtype`):
@@ -169,10 +185,36 @@ class AdapterLayer(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        raise NotImplementedError(f"{self.method_name} cannot be merged into its base layer")
+        """Fold adapters ``names`` (those present here and not yet merged) into the base layer, in order."""
+        self.rounding_error = 0.0
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            self.rounding_error = max(self.rounding_error, self.merge_one(name, safe_merge))
+            self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        raise NotImplementedError(f"{self.method_name} cannot be unmerged")
+        """Take every merged adapter out of the base layer again, the last merged first."""
+        self.rounding_error = 0.0
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.rounding_error = max(self.rounding_error, self.unmerge_one(name))
+
+    def merge_one(self, name: str, safe_merge: bool) -> float:
+        """Fold adapter ``name`` into the base layer; return the rounding error a quantized base reports.
+
+        With ``safe_merge`` a result that is not finite raises before anything changes.
+        """
+        raise ValueError(f"{self.method_name} cannot be merged into its base layer")
+
+    def unmerge_one(self, name: str) -> float:
+        raise ValueError(f"{self.method_name} cannot be unmerged")
+
+    @staticmethod
+    def check_finite(name: str, *tensors: torch.Tensor | None) -> None:
+        """``safe_merge``'s test: every merged tensor finite, else the adapter is named as broken."""
+        if not all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
 
     @property
     def merged(self) -> bool:
@@ -183,6 +225,39 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
     # -- routing --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = self.mixed_rows()
+        if routing is not None:
+            return self.mixed_forward(routing, x, *args, **kwargs)
+        return self.adapted_forward(self.routed_adapters(), x, *args, **kwargs)
+
+    def adapted_forward(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The layer's output with adapters ``names`` applied (an empty list: the base layer's)."""
+        raise NotImplementedError
+
+    def mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row with its own adapter: the rows of each adapter through :meth:`adapted_forward`.
+
+        Correct for any method whose base is a plain module reading one input row per output row;
+        methods with a batched form (stacked low-rank factors) override it.
+        """
+        extra_tensors = any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values()))
+        if isinstance(self.base_layer, AdapterLayer) or extra_tensors:
+            raise RuntimeError(f"{self.method_name} has no mixed-adapter form for a layer called with extra tensors")
+        index = routing.for_batch(x.shape[0])
+        present = set(self.adapter_names)
+        rows_of, outputs = [], []
+        for position, name in enumerate(["__base__", *routing.names]):
+            rows = (index == position).nonzero().squeeze(1)
+            if rows.numel():
+                names = [name] if name in present else []
+                rows_of.append(rows)
+                outputs.append(self.adapted_forward(names, x.index_select(0, rows), *args, **kwargs))
+        if len(outputs) == 1:
+            return outputs[0]
+        order = torch.argsort(torch.cat(rows_of))
+        return torch.cat(outputs).index_select(0, order)
+
     def mixed_rows(self) -> RowRouting | None:
         """The per-row routing of the current forward, if any (merged adapters cannot be mixed)."""
         routing = self.row_routing
@@ -196,7 +271,12 @@ class AdapterLayer(nn.Module):
         """Adapters whose update the forward must compute: active, present here and not merged."""
         if self.disabled:
             return []
-        return [a for a in self.active_adapters if a not in self.merged_adapters and a in self.adapter_names]
+        active, merged = self.active_adapters, self.merged_adapters
+        if len(active) == 1 and not merged:  # the common case, hundreds of times per decoded token
+            name = active[0]
+            return [name] if any(name in self._modules[c] for c in self.containers if c in self._modules) else []
+        present = self.adapter_names
+        return [a for a in active if a not in merged and a in present]
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -45,7 +45,7 @@ class ModulesToSaveWrapper(AdapterLayer):
     def forward(self, *args, **kwargs):
         routing = self.mixed_rows()
         if routing is not None:
-            return self._mixed_forward(routing, *args, **kwargs)
+            return self.mixed_forward(routing, *args, **kwargs)
         routed = self.routed_adapters()
         if not routed:
             return self.base_layer(*args, **kwargs)
@@ -66,7 +66,7 @@ class ModulesToSaveWrapper(AdapterLayer):
                 raise
             return getattr(base, name)
 
-    def _mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args, **kwargs):
+    def mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args, **kwargs):
         """Each row through its adapter's copy (or the original): one call per adapter in the batch."""
         index = routing.for_batch(x.shape[0])
         result = self.base_layer(x, *args, **kwargs)

@@ -286,13 +286,10 @@ class BottleneckLayer(AdapterLayer):
         z = ACTIVATIONS[self.activation[name]](down(h.to(down.weight.dtype)))
         return up(z) * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def adapted_forward(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         block_input, self._block_input = self._block_input, None
-        routing = self.mixed_rows()
-        if routing is not None:
-            return self._mixed_forward(result, block_input, routing)
-        routed = self.routed_adapters()
+        routed = names
         if not routed:
             return result
         if self.composition == "parallel":
@@ -306,10 +303,10 @@ class BottleneckLayer(AdapterLayer):
             result = result + self._update(name, source).to(result.dtype)
         return result
 
-    def _mixed_forward(
-        self, result: torch.Tensor, block_input: torch.Tensor | None, routing: RowRouting
-    ) -> torch.Tensor:
+    def mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row through its own adapter: per-row gathered weights (bottlenecks zero-padded)."""
+        result = self.base_layer(x, *args, **kwargs)
+        block_input, self._block_input = self._block_input, None
         present = [n for n in routing.names if n in self.adapter_down]
         if not present:
             return result
@@ -347,14 +344,11 @@ class BottleneckLayer(AdapterLayer):
         update = torch.bmm(z, torch.stack(ups)[index].transpose(1, 2)) + torch.stack(up_bias)[index][:, None]
         return result + update.reshape(result.shape).to(result.dtype)
 
-    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+    def merge_one(self, name: str, safe_merge: bool) -> float:
         raise ValueError(
             "bottleneck adapters apply a nonlinearity and cannot be merged into the base weights; "
             "keep them as modules (unload() removes them)"
         )
-
-    def unmerge(self) -> None:
-        self.merged_adapters = []
 
 
 def attach_bottleneck(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:

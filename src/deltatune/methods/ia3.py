@@ -176,7 +176,6 @@ class IA3Linear(AdapterLayer):
         self.in_features, self.out_features = view.in_features, view.out_features
         # Base weight (out, in) and bias before merging an adapter whose vector has zeros (division cannot undo it).
         self._merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.rounding_error = 0.0  # the largest change requantizing the base made in the last merge/unmerge
 
     @property
     def base(self) -> base_layers.LinearBase:
@@ -207,14 +206,10 @@ class IA3Linear(AdapterLayer):
                 scale_out = vector if scale_out is None else scale_out * vector
         return scale_in, scale_out
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        routing = self.mixed_rows()
-        if routing is not None:
-            return self._mixed_forward(routing, x, *args, **kwargs)
-        routed = self.routed_adapters()
-        if not routed:
+    def adapted_forward(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not names:
             return self.base_layer(x, *args, **kwargs)
-        scale_in, scale_out = self._scales(routed)
+        scale_in, scale_out = self._scales(names)
         if scale_in is not None:
             x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
@@ -222,7 +217,7 @@ class IA3Linear(AdapterLayer):
             result = (result.to(scale_out.dtype) * scale_out).to(result.dtype)
         return result
 
-    def _mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each batch row scaled by its own adapter's vectors: stacked (row 0 all ones), gathered by row."""
         index = routing.for_batch(x.shape[0])
 
@@ -257,47 +252,40 @@ class IA3Linear(AdapterLayer):
         delta = (weight * self._dense_scale(name) - weight).to(weight.dtype)
         return delta.T if self.fan_in_fan_out else delta
 
-    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+    def merge_one(self, name: str, safe_merge: bool) -> float:
         view, base = self.base, self.base_layer
-        self.rounding_error = 0.0
-        for name in names:
-            if name in self.merged_adapters or name not in self.ia3_l:
-                continue
-            scale = self._dense_scale(name)
-            original = view.dense_weight()
-            weight = (original * scale).to(original.dtype)  # the product in float32, as the forward computes it
-            bias = None
-            if base.bias is not None and not self.is_feedforward[name]:
-                bias = (base.bias * self.ia3_l[name].detach().flatten()).to(base.bias.dtype)
-            if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-            if (scale == 0).any():
-                old_bias = base.bias.detach().clone() if base.bias is not None else None
-                self._merge_backup[name] = (original.detach().clone(), old_bias)
-            self.rounding_error = max(self.rounding_error, view.set_dense_weight(weight))
+        scale = self._dense_scale(name)
+        original = view.dense_weight()
+        weight = (original * scale).to(original.dtype)  # the product in float32, as the forward computes it
+        bias = None
+        if base.bias is not None and not self.is_feedforward[name]:
+            bias = (base.bias * self.ia3_l[name].detach().flatten()).to(base.bias.dtype)
+        if safe_merge:
+            self.check_finite(name, weight, bias)
+        if (scale == 0).any():
+            old_bias = base.bias.detach().clone() if base.bias is not None else None
+            self._merge_backup[name] = (original.detach().clone(), old_bias)
+        error = view.set_dense_weight(weight)
+        if bias is not None:
+            with torch.no_grad():
+                base.bias.copy_(bias)
+        return error
+
+    def unmerge_one(self, name: str) -> float:
+        view, base = self.base, self.base_layer
+        if name in self._merge_backup:
+            weight, bias = self._merge_backup.pop(name)
+            error = view.set_dense_weight(weight)
             if bias is not None:
                 with torch.no_grad():
                     base.bias.copy_(bias)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        view, base = self.base, self.base_layer
-        self.rounding_error = 0.0
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self._merge_backup:
-                weight, bias = self._merge_backup.pop(name)
-                self.rounding_error = max(self.rounding_error, view.set_dense_weight(weight))
-                if bias is not None:
-                    with torch.no_grad():
-                        base.bias.copy_(bias)
-                continue
-            merged = view.dense_weight()
-            restored = (merged / self._dense_scale(name)).to(merged.dtype)
-            self.rounding_error = max(self.rounding_error, view.set_dense_weight(restored))
-            if base.bias is not None and not self.is_feedforward[name]:
-                with torch.no_grad():
-                    base.bias.copy_((base.bias / self.ia3_l[name].detach().flatten()).to(base.bias.dtype))
+            return error
+        merged = view.dense_weight()
+        error = view.set_dense_weight((merged / self._dense_scale(name)).to(merged.dtype))
+        if base.bias is not None and not self.is_feedforward[name]:
+            with torch.no_grad():
+                base.bias.copy_((base.bias / self.ia3_l[name].detach().flatten()).to(base.bias.dtype))
+        return error
 
 
 # -- injection -----------------------------------------------------------------------------------

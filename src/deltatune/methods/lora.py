@@ -229,9 +229,6 @@ class LoraLinear(AdapterLayer):
         self.in_features, self.out_features = view.in_features, view.out_features
         # DoRA's row norms at merge time, needed to unmerge exactly.
         self._merged_dora_norms: dict[str, torch.Tensor] = {}
-        # The largest change that requantizing the base weight made in the last merge/unmerge/init
-        # (0 on a float base): what a merge into a 4-bit or 8-bit base cost.
-        self.rounding_error = 0.0
 
     # -- construction ---------------------------------------------------------------------------
     def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
@@ -320,8 +317,10 @@ class LoraLinear(AdapterLayer):
     def _weight(self) -> torch.Tensor:
         return self.base.dense_weight()
 
-    def _set_weight(self, weight: torch.Tensor) -> None:
-        self.rounding_error = max(self.rounding_error, self.base.set_dense_weight(weight))
+    def _set_weight(self, weight: torch.Tensor) -> float:
+        error = self.base.set_dense_weight(weight)
+        self.rounding_error = max(self.rounding_error, error)
+        return error
 
     def _delta(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in (out, in) orientation."""
@@ -346,19 +345,13 @@ class LoraLinear(AdapterLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.fused and not (args or kwargs or self.disabled or self.merged_adapters) and self.row_routing is None:
-            active = self.active_adapters if len(self.active_adapters) == 1 else self.routed_adapters()
-            if len(active) == 1:
-                fused = self._fused_forward(x, active[0])
-                if fused is not None:
-                    return fused
-        routed = self.routed_adapters()
+    def adapted_forward(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(names) == 1 and self.fused and not (args or kwargs or self.merged_adapters):
+            fused = self._fused_forward(x, names[0])
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
-        routing = self.mixed_rows()
-        if routing is not None:
-            return self._mixed_forward(x, result, routing)
-        for name in routed:
+        for name in names:
             A, B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(A.weight.dtype))
             scale = self.scaling[name]
@@ -432,12 +425,13 @@ class LoraLinear(AdapterLayer):
         keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
         return FusedLoraLinear.apply(x, weight, bias, A, B, scale, mask, keep_scale)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+    def mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row gets its own adapter's update: stacked factors, gathered per row, two bmm calls.
 
         Entry 0 of every stack is zero (base rows); adapters of lower rank are zero-padded to the
         largest rank, which changes nothing in ``B A``.
         """
+        result = self.base_layer(x, *args, **kwargs)
         present = [n for n in routing.names if n in self.lora_A]
         if not present:
             return result
@@ -498,36 +492,29 @@ class LoraLinear(AdapterLayer):
         return (k - 1) * base_out + k * B(A(h) * scale)
 
     # -- merging --------------------------------------------------------------------------------
-    def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        self.rounding_error = 0.0  # the largest over the adapters this call merges
-        for name in names:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            weight = self._weight()
-            if name in self.lora_magnitude_vector:
-                norm = self._row_norm(weight, self._delta(name)).detach()
-                self._merged_dora_norms[name] = norm
-            new_weight = weight + self._full_delta(name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-            self._set_weight(new_weight.detach())
-            self._merge_bias(name, +1)
-            self.merged_adapters.append(name)
+    def merge_one(self, name: str, safe_merge: bool) -> float:
+        weight = self._weight()
+        if name in self.lora_magnitude_vector:
+            self._merged_dora_norms[name] = self._row_norm(weight, self._delta(name)).detach()
+        new_weight = weight + self._full_delta(name).to(weight.dtype)
+        if safe_merge:
+            self.check_finite(name, new_weight)
+        error = self._set_weight(new_weight.detach())
+        self._merge_bias(name, +1)
+        return error
 
-    def unmerge(self) -> None:
-        self.rounding_error = 0.0
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight = self._weight()
-            delta = self._delta(name).to(weight.dtype)
-            if name in self.lora_magnitude_vector:
-                norm = self._merged_dora_norms.pop(name)
-                k = (self.lora_magnitude_vector[name] / norm).to(weight.dtype)
-                original = weight / k[:, None] - delta
-            else:
-                original = weight - delta
-            self._set_weight(original.detach())
-            self._merge_bias(name, -1)
+    def unmerge_one(self, name: str) -> float:
+        weight = self._weight()
+        delta = self._delta(name).to(weight.dtype)
+        if name in self.lora_magnitude_vector:
+            norm = self._merged_dora_norms.pop(name)
+            k = (self.lora_magnitude_vector[name] / norm).to(weight.dtype)
+            original = weight / k[:, None] - delta
+        else:
+            original = weight - delta
+        error = self._set_weight(original.detach())
+        self._merge_bias(name, -1)
+        return error
 
     def _merge_bias(self, name: str, sign: int) -> None:
         lora_bias = self.lora_B[name].bias
@@ -600,17 +587,15 @@ class LoraEmbedding(AdapterLayer):
             ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
 
-    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def adapted_forward(self, names: list[str], ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(ids, *args, **kwargs)
-        routing = self.mixed_rows()
-        if routing is not None:
-            return self._mixed_forward(ids, result, routing)
-        for name in self.routed_adapters():
+        for name in names:
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             result = result + (self._lookup(ids, A.T) @ (B.T * self.scaling[name])).to(result.dtype)
         return result
 
-    def _mixed_forward(self, ids: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+    def mixed_forward(self, routing: RowRouting, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(ids, *args, **kwargs)
         present = [n for n in routing.names if n in self.lora_embedding_A]
         if not present:
             return result
@@ -633,24 +618,20 @@ class LoraEmbedding(AdapterLayer):
     def get_delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
 
-    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+    def merge_one(self, name: str, safe_merge: bool) -> float:
         weight = self.base_layer.weight
-        for name in names:
-            if name in self.merged_adapters or name not in self.lora_embedding_A:
-                continue
-            new_weight = weight + self.get_delta_weight(name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-            with torch.no_grad():
-                weight.copy_(new_weight)
-            self.merged_adapters.append(name)
+        new_weight = weight + self.get_delta_weight(name).to(weight.dtype)
+        if safe_merge:
+            self.check_finite(name, new_weight)
+        with torch.no_grad():
+            weight.copy_(new_weight)
+        return 0.0
 
-    def unmerge(self) -> None:
+    def unmerge_one(self, name: str) -> float:
         weight = self.base_layer.weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                weight.sub_(self.get_delta_weight(name).to(weight.dtype))
+        with torch.no_grad():
+            weight.sub_(self.get_delta_weight(name).to(weight.dtype))
+        return 0.0
 
 
 _FUSABLE = base_layers.fusable_types()
