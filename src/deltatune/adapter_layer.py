@@ -210,6 +210,11 @@ class AdapterLayer(nn.Module):
     def unmerge_one(self, name: str) -> float:
         raise ValueError(f"{self.method_name} cannot be unmerged")
 
+    def weight_delta(self, name: str) -> torch.Tensor | None:
+        """Adapter ``name``'s whole effect as a change to a linear base weight, ``(out, in)``; None where
+        it is not one (a nonlinear module, a bias term, an embedding). ``save_as_lora`` reads it."""
+        return None
+
     @staticmethod
     def check_finite(name: str, *tensors: torch.Tensor | None) -> None:
         """``safe_merge``'s test: every merged tensor finite, else the adapter is named as broken."""

@@ -27,6 +27,7 @@ from deltatune import base_layers, checkpoint, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import CONFIG_NAME, TASK_HEADS, ConfigError, PeftConfig
 from deltatune.losses import CausalLMLoss
+from deltatune.methods.lora_export import LoraExport, save_as_lora
 from deltatune.modules_to_save import ModulesToSaveWrapper
 from deltatune.prompt_learning import InputAdapter
 from deltatune.registry import get_method
@@ -535,6 +536,11 @@ class PeftModel(nn.Module):
                 continue
             checkpoint.save_tensors(state, target / checkpoint.WEIGHTS_NAME)
             config.save_pretrained(target)
+
+    def save_as_lora(self, save_directory: str | os.PathLike, rank: int, adapter_name: str = "default") -> LoraExport:
+        """Write a weight-delta adapter (any method) as a rank-``rank`` LoRA adapter, for servers that
+        load LoRA only; returns each layer's relative approximation error (:mod:`deltatune.methods.lora_export`)."""
+        return save_as_lora(self, save_directory, rank, adapter_name)
 
     @classmethod
     def from_pretrained(

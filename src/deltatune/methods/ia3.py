@@ -252,6 +252,12 @@ class IA3Linear(AdapterLayer):
         delta = (weight * self._dense_scale(name) - weight).to(weight.dtype)
         return delta.T if self.fan_in_fan_out else delta
 
+    def weight_delta(self, name: str) -> torch.Tensor | None:
+        if self.base_layer.bias is not None and not self.is_feedforward[name]:
+            return None  # an output vector scales the bias too
+        weight = self.base.dense_weight().float()
+        return weight * self._dense_scale(name).float() - weight
+
     def merge_one(self, name: str, safe_merge: bool) -> float:
         view, base = self.base, self.base_layer
         scale = self._dense_scale(name)

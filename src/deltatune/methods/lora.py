@@ -339,6 +339,9 @@ class LoraLinear(AdapterLayer):
             delta = k[:, None] * (weight + delta) - weight
         return delta
 
+    def weight_delta(self, name: str) -> torch.Tensor | None:
+        return None if self.lora_B[name].bias is not None else self._full_delta(name).detach()
+
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """The change adapter ``name`` makes to the base weight, in the base weight's layout."""
         delta = self._full_delta(name)
