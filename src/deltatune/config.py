@@ -39,6 +39,15 @@ class PeftType(enum.StrEnum):
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     BOTTLENECK = "BOTTLENECK"
+    # HF PEFT's names for the methods below: the file format's vocabulary, kept here so that a method
+    # module only registers itself (an implemented method's config class is in the registry).
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    VERA = "VERA"
+    LN_TUNING = "LN_TUNING"
+    OFT = "OFT"
+    BOFT = "BOFT"
+    ADALORA = "ADALORA"
 
 
 class TaskType(enum.StrEnum):

@@ -63,8 +63,9 @@ class DeltaLayer(AdapterLayer):
         """Adapter ``name``'s :math:`\\Delta W`, ``(out, in)``, differentiable, in the adapter's dtype."""
         raise NotImplementedError
 
-    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """:math:`x \\Delta W^\\top` for ``x`` of shape ``(..., in)`` in the adapter's dtype."""
+    def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """:math:`x \\Delta W^\\top` for ``x`` of shape ``(..., in)`` in the adapter's dtype; None when the
+        adapter adds nothing to this forward (a training step that drops it)."""
         return F.linear(x, self.delta_weight(name))
 
     def adapter_dtype(self, name: str) -> torch.dtype:
@@ -80,7 +81,8 @@ class DeltaLayer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in names:
             update = self.delta_output(name, x.to(self.adapter_dtype(name)))
-            result = result + update.to(result.dtype)
+            if update is not None:
+                result = result + update.to(result.dtype)
         return result
 
     def mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -94,7 +96,8 @@ class DeltaLayer(AdapterLayer):
             rows = (index == position).nonzero().squeeze(1)
             if rows.numel():
                 update = self.delta_output(name, x.index_select(0, rows).to(self.adapter_dtype(name)))
-                result = result.index_add(0, rows, update.to(result.dtype))
+                if update is not None:
+                    result = result.index_add(0, rows, update.to(result.dtype))
         return result
 
     def get_delta_weight(self, name: str) -> torch.Tensor:

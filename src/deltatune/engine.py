@@ -18,6 +18,7 @@ import difflib
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -53,6 +54,15 @@ def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | N
         if found:
             return int(found.group(1))
     return None
+
+
+def pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """A per-module override (``rank_pattern``, ``alpha_pattern``): the value of the first key, a regex,
+    that matches the end of ``module_path`` at a name boundary; ``default`` when none does (PEFT's rule)."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module_path):
+            return value
+    return default
 
 
 def output_layer_names(model: nn.Module) -> set[str]:

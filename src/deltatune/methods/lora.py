@@ -188,16 +188,9 @@ class LoraConfig(PeftConfig):
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """``r`` and ``lora_alpha`` for one module, after ``rank_pattern`` / ``alpha_pattern``."""
         return (
-            _pattern_value(self.rank_pattern, module_path, self.r),
-            _pattern_value(self.alpha_pattern, module_path, self.lora_alpha),
+            engine.pattern_value(self.rank_pattern, module_path, self.r),
+            engine.pattern_value(self.alpha_pattern, module_path, self.lora_alpha),
         )
-
-
-def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
-    for pattern, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module_path):
-            return value
-    return default
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
