@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.adapter_layer import AdapterLayer
 from deltatune.registry import _METHODS
 
 from conftest import perturb_trainable, tiny_inputs, tiny_model
@@ -30,6 +31,9 @@ CASES = {
         ),
     },
     "IA3": {"ia3": lambda kind: dt.IA3Config()},
+    "LOHA": {
+        "loha": lambda kind: dt.LoHaConfig(r=2, target_modules="all-linear", rank_dropout=0.1, init_weights=False)
+    },
     "BOTTLENECK": {
         "houlsby": lambda kind: dt.BottleneckConfig(placement="houlsby", reduction_factor=4, init="lora"),
         "pfeiffer": lambda kind: dt.BottleneckConfig(placement="pfeiffer", reduction_factor=4, init="lora"),
@@ -47,7 +51,8 @@ TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ
 INPUT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 # Where HF PEFT cannot read the files, and why (deltatune goes past it there).
 NOT_IN_PEFT = {("BOTTLENECK", kind): "HF PEFT has no bottleneck adapters" for kind in KINDS} | {
-    ("PREFIX_TUNING", "bert"): "HF PEFT 0.21 refuses prefix tuning on BERT (no key/value cache argument)"
+    ("PREFIX_TUNING", "bert"): "HF PEFT 0.21 refuses prefix tuning on BERT (no key/value cache argument)",
+    ("LOHA", "gpt2"): "HF PEFT 0.21 refuses LoHa on GPT-2's Conv1D",
 }
 # Methods whose update is not a weight delta: merging is refused with the reason, as in PEFT.
 NOT_MERGEABLE = {"BOTTLENECK": "apply a nonlinearity and cannot be merged"}
@@ -154,6 +159,7 @@ def test_merge_and_unmerge(peft_type, case, kind):
     for name, weight in before.items():
         torch.testing.assert_close(after[name], weight, atol=1e-5, rtol=1e-5, msg=name)
     merged = copy.deepcopy(model).merge_and_unload()
+    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
     assert not any("lora_" in n or "adapter_" in n or "ia3_" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(**tiny_inputs(kind)).logits, adapted, atol=1e-5, rtol=1e-4)

@@ -19,6 +19,7 @@ pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 import deltatune as dt  # noqa: E402
+from deltatune import engine  # noqa: E402
 from deltatune.base_layers import keep_trainable_layout, linear_base  # noqa: E402
 from deltatune.quantization import QuantizationUnavailableError, bitsandbytes_config  # noqa: E402
 
@@ -81,6 +82,7 @@ CONFIGS = {
     "ia3": lambda lib: lib.IA3Config(
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
     ),
+    "loha": lambda lib: lib.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], init_weights=False),
 }
 
 
@@ -94,8 +96,15 @@ def randomize_dora(model: nn.Module) -> None:
 
 
 # -- numerics against HF PEFT, both directions through files ------------------------------------
-@pytest.mark.parametrize("kind", [*KINDS, "torchao-int8"])
-@pytest.mark.parametrize("method", list(CONFIGS))
+# PEFT 0.21 cannot run LoHa on a 4-bit base (it reshapes the delta to the packed weight's shape):
+# those are checked against the dequantized float model instead, below.
+PEFT_CANNOT = {("loha", "nf4"), ("loha", "fp4")}
+
+
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [(m, k) for m in CONFIGS for k in [*KINDS, "torchao-int8"] if (m, k) not in PEFT_CANNOT],
+)
 def test_adapters_cross_with_peft_on_the_same_quantized_base(llama_dir, tmp_path, kind, method):
     torch.manual_seed(0)
     theirs = peft.get_peft_model(load(llama_dir, kind), CONFIGS[method](peft))
@@ -112,6 +121,22 @@ def test_adapters_cross_with_peft_on_the_same_quantized_base(llama_dir, tmp_path
     torch.testing.assert_close(logits(back), reference, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("method", "kind"), sorted(PEFT_CANNOT))
+def test_a_4bit_base_gives_the_dequantized_float_models_outputs_where_peft_fails(llama_dir, tmp_path, method, kind):
+    torch.manual_seed(0)
+    quantized = load(llama_dir, kind)
+    ours = dt.get_peft_model(quantized, CONFIGS[method](dt)).eval()
+    ours.save_pretrained(tmp_path)
+    dense = load(llama_dir, None)
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            if isinstance(module, nn.Linear) and name.startswith("model.layers."):
+                module.weight.copy_(linear_base(engine.innermost(ours.get_base_model().get_submodule(name))).dense_weight())
+    reference = dt.PeftModel.from_pretrained(dense, tmp_path).eval()
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(ours), logits(load(llama_dir, kind)), atol=1e-3)  # the adapter matters
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_fresh_lora_leaves_the_quantized_model_as_it_was(llama_dir, kind):
     base = load(llama_dir, kind)
@@ -123,13 +148,14 @@ def test_a_fresh_lora_leaves_the_quantized_model_as_it_was(llama_dir, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "adapter", "prompt"])
 def test_training_reaches_only_adapters_and_lowers_the_loss(llama_dir, kind, method):
     base = dt.prepare_model_for_kbit_training(load(llama_dir, kind), use_gradient_checkpointing=False)
     configs = {
         "lora": dt.LoraConfig(r=8, target_modules="all-linear"),
         "dora": dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
         "ia3": dt.IA3Config(),
+        "loha": dt.LoHaConfig(r=4, target_modules="all-linear"),
         "adapter": dt.BottleneckConfig(reduction_factor=4),
         "prompt": dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
     }

@@ -6,6 +6,7 @@ from deltatune.engine import TargetModuleError
 from deltatune.methods import (
     BottleneckConfig,
     IA3Config,
+    LoHaConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "IA3Config",
+    "LoHaConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

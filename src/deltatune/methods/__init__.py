@@ -3,6 +3,7 @@
 from deltatune.methods import full as _full  # noqa: F401  (registers the full fine-tuning defaults)
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.loha import LoHaConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
@@ -10,6 +11,7 @@ from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 __all__ = [
     "BottleneckConfig",
     "IA3Config",
+    "LoHaConfig",
     "LoraConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
