@@ -34,6 +34,12 @@ CASES = {
     "LOHA": {
         "loha": lambda kind: dt.LoHaConfig(r=2, target_modules="all-linear", rank_dropout=0.1, init_weights=False)
     },
+    "LOKR": {
+        "lokr": lambda kind: dt.LoKrConfig(r=2, target_modules="all-linear", init_weights=False),
+        "lokr-decomposed": lambda kind: dt.LoKrConfig(
+            r=1, decompose_both=True, decompose_factor=2, target_modules="all-linear", rank_dropout=0.1
+        ),
+    },
     "BOTTLENECK": {
         "houlsby": lambda kind: dt.BottleneckConfig(placement="houlsby", reduction_factor=4, init="lora"),
         "pfeiffer": lambda kind: dt.BottleneckConfig(placement="pfeiffer", reduction_factor=4, init="lora"),
@@ -53,6 +59,7 @@ INPUT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 NOT_IN_PEFT = {("BOTTLENECK", kind): "HF PEFT has no bottleneck adapters" for kind in KINDS} | {
     ("PREFIX_TUNING", "bert"): "HF PEFT 0.21 refuses prefix tuning on BERT (no key/value cache argument)",
     ("LOHA", "gpt2"): "HF PEFT 0.21 refuses LoHa on GPT-2's Conv1D",
+    ("LOKR", "gpt2"): "HF PEFT 0.21 refuses LoKr on GPT-2's Conv1D",
 }
 # Methods whose update is not a weight delta: merging is refused with the reason, as in PEFT.
 NOT_MERGEABLE = {"BOTTLENECK": "apply a nonlinearity and cannot be merged"}

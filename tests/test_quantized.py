@@ -83,6 +83,7 @@ CONFIGS = {
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
     ),
     "loha": lambda lib: lib.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], init_weights=False),
+    "lokr": lambda lib: lib.LoKrConfig(r=2, target_modules=["q_proj", "down_proj"], init_weights=False),
 }
 
 
@@ -96,9 +97,9 @@ def randomize_dora(model: nn.Module) -> None:
 
 
 # -- numerics against HF PEFT, both directions through files ------------------------------------
-# PEFT 0.21 cannot run LoHa on a 4-bit base (it reshapes the delta to the packed weight's shape):
+# PEFT 0.21 cannot run LoHa or LoKr on a 4-bit base (it reshapes the delta to the packed weight's shape):
 # those are checked against the dequantized float model instead, below.
-PEFT_CANNOT = {("loha", "nf4"), ("loha", "fp4")}
+PEFT_CANNOT = {("loha", "nf4"), ("loha", "fp4"), ("lokr", "nf4"), ("lokr", "fp4")}
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from deltatune.methods import full as _full  # noqa: F401  (registers the full f
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.loha import LoHaConfig
+from deltatune.methods.lokr import LoKrConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
@@ -12,6 +13,7 @@ __all__ = [
     "BottleneckConfig",
     "IA3Config",
     "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
