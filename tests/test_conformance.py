@@ -40,6 +40,10 @@ CASES = {
             r=1, decompose_both=True, decompose_factor=2, target_modules="all-linear", rank_dropout=0.1
         ),
     },
+    "VERA": {
+        "vera": lambda kind: dt.VeraConfig(r=4, target_modules="all-linear", init_weights=False),
+        "vera-seeded": lambda kind: dt.VeraConfig(r=6, projection_prng_key=3, save_projection=False, vera_dropout=0.1),
+    },
     "BOTTLENECK": {
         "houlsby": lambda kind: dt.BottleneckConfig(placement="houlsby", reduction_factor=4, init="lora"),
         "pfeiffer": lambda kind: dt.BottleneckConfig(placement="pfeiffer", reduction_factor=4, init="lora"),

@@ -12,6 +12,7 @@ from deltatune.methods import (
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    VeraConfig,
 )
 from deltatune.peft_model import (
     Parallel,
@@ -51,6 +52,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "VeraConfig",
     "TargetModuleError",
     "TaskType",
     "get_peft_model",

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from deltatune import engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import PeftConfig
 
@@ -91,3 +92,34 @@ class ModulesToSaveWrapper(AdapterLayer):
     def unwrap(self) -> nn.Module:
         chosen = [a for a in self.merged_adapters if a in self.modules_to_save]
         return self.modules_to_save[chosen[-1]] if chosen else self.base_layer
+
+
+def trained_biases(model: nn.Module, adapter_name: str, bias: str, adapted_only: str) -> dict[str, nn.Parameter]:
+    """The base biases a ``bias`` field trains, by parameter path (HF PEFT's meaning, for LoRA and VeRA):
+    ``"none"`` none; ``"all"`` every bias of the model outside adapters and the originals of trained
+    copies; ``adapted_only`` (``"lora_only"``, ``"vera_only"``) those of the layers this adapter wraps."""
+    if bias == "none":
+        return {}
+    layers = engine.adapter_layers(model)
+    # A ModulesToSaveWrapper's copies are saved whole; its original module stays as it was.
+    copied = [layer for _, layer in layers if isinstance(layer, ModulesToSaveWrapper)]
+    frozen_originals = {id(p) for layer in copied for p in layer.base_layer.parameters()}
+    adapter_params = {
+        id(p) for _, layer in layers for name in layer.adapter_names for p in layer.adapter_parameters(name)
+    }
+    if bias == "all":
+        return {
+            name: p
+            for name, p in model.named_parameters()
+            if name.rsplit(".", 1)[-1] == "bias" and id(p) not in adapter_params and id(p) not in frozen_originals
+        }
+    if bias != adapted_only:
+        raise ValueError(f"bias must be 'none', 'all' or {adapted_only!r}, got {bias!r}")
+    found: dict[str, nn.Parameter] = {}
+    for path, layer in layers:
+        if isinstance(layer, ModulesToSaveWrapper):
+            continue
+        base = engine.innermost(layer)
+        if adapter_name in layer.adapter_names and getattr(base, "bias", None) is not None:
+            found[f"{engine.checkpoint_path(path)}.base_layer.bias"] = base.bias
+    return found

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from deltatune.config import ConfigError, PeftConfig, PeftType, register_config_class
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 
@@ -30,6 +31,11 @@ class Method:
             the :class:`~deltatune.prompt_learning.InputAdapter` that rewrites forward inputs.
         combine: ``combine(peft_model, adapters, weights, adapter_name, **options)`` adds a weighted
             combination of existing adapters (``PeftModel.add_weighted_adapter``), where defined.
+        shared_state: for methods with tensors shared by all their layers (VeRA's projections),
+            ``shared_state(model, config) -> {kind: SharedTensor}``. The PeftModel keeps them in one
+            :class:`~deltatune.adapter_layer.SharedBuffers` per kind, saves and loads them under
+            ``base_model.<kind>``, and calls ``attach(model, adapter_name, config, shared=...)`` with
+            those modules by kind.
     """
 
     peft_type: PeftType
@@ -37,6 +43,15 @@ class Method:
     attach: Callable[[nn.Module, str, PeftConfig], list[str]] | None = None
     input_adapter: Callable[[nn.Module, PeftConfig], nn.Module] | None = None
     combine: Callable[..., None] | None = None
+    shared_state: Callable[[nn.Module, PeftConfig], dict[str, SharedTensor]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedTensor:
+    """One model-level tensor of an adapter; ``saved=False``: rebuilt from its config on load."""
+
+    tensor: torch.Tensor
+    saved: bool = True
 
 
 _METHODS: dict[str, Method] = {}

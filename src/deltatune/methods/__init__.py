@@ -8,6 +8,7 @@ from deltatune.methods.lokr import LoKrConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
+from deltatune.methods.vera import VeraConfig
 
 __all__ = [
     "BottleneckConfig",
@@ -18,4 +19,5 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "VeraConfig",
 ]

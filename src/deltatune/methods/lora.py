@@ -42,7 +42,7 @@ from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.methods.lora_combine import add_weighted_adapter
 from deltatune.methods.lora_kernel import FusedLoraLinear
-from deltatune.modules_to_save import ModulesToSaveWrapper
+from deltatune.modules_to_save import trained_biases
 from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
 
 
@@ -161,29 +161,7 @@ class LoraConfig(PeftConfig):
     def trained_base_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """The base biases ``bias`` trains, by parameter path: ``"all"`` every bias of the model,
         ``"lora_only"`` those of the layers this adapter wraps, ``"none"`` none (PEFT's meaning)."""
-        if self.bias == "none":
-            return {}
-        layers = engine.adapter_layers(model)
-        # A ModulesToSaveWrapper's copies are saved whole; its original module stays as it was.
-        copied = [layer for _, layer in layers if isinstance(layer, ModulesToSaveWrapper)]
-        frozen_originals = {id(p) for layer in copied for p in layer.base_layer.parameters()}
-        adapter_params = {
-            id(p) for _, layer in layers for name in layer.adapter_names for p in layer.adapter_parameters(name)
-        }
-        if self.bias == "all":
-            return {
-                name: p
-                for name, p in model.named_parameters()
-                if name.rsplit(".", 1)[-1] == "bias" and id(p) not in adapter_params and id(p) not in frozen_originals
-            }
-        found: dict[str, nn.Parameter] = {}
-        for path, layer in layers:
-            if isinstance(layer, ModulesToSaveWrapper):
-                continue
-            base = engine.innermost(layer)
-            if adapter_name in layer.adapter_names and getattr(base, "bias", None) is not None:
-                found[f"{engine.checkpoint_path(path)}.base_layer.bias"] = base.bias
-        return found
+        return trained_biases(model, adapter_name, self.bias, "lora_only")
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """``r`` and ``lora_alpha`` for one module, after ``rank_pattern`` / ``alpha_pattern``."""
