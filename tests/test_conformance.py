@@ -44,6 +44,7 @@ CASES = {
         "vera": lambda kind: dt.VeraConfig(r=4, target_modules="all-linear", init_weights=False),
         "vera-seeded": lambda kind: dt.VeraConfig(r=6, projection_prng_key=3, save_projection=False, vera_dropout=0.1),
     },
+    "LN_TUNING": {"ln-tuning": lambda kind: dt.LNTuningConfig()},
     "BOTTLENECK": {
         "houlsby": lambda kind: dt.BottleneckConfig(placement="houlsby", reduction_factor=4, init="lora"),
         "pfeiffer": lambda kind: dt.BottleneckConfig(placement="pfeiffer", reduction_factor=4, init="lora"),

@@ -6,6 +6,7 @@ from deltatune.engine import TargetModuleError
 from deltatune.methods import (
     BottleneckConfig,
     IA3Config,
+    LNTuningConfig,
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",

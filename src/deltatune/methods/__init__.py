@@ -3,6 +3,7 @@
 from deltatune.methods import full as _full  # noqa: F401  (registers the full fine-tuning defaults)
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.loha import LoHaConfig
 from deltatune.methods.lokr import LoKrConfig
 from deltatune.methods.lora import LoraConfig
@@ -13,6 +14,7 @@ from deltatune.methods.vera import VeraConfig
 __all__ = [
     "BottleneckConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
