@@ -16,6 +16,7 @@ from deltatune.cli import METHODS, main
 from deltatune.data import general_text
 from deltatune.losses import plain_head
 from deltatune.peft_model import PeftModel
+from deltatune.registry import trainable_methods
 from deltatune.tasks import CausalLM, LabelGeneration, LabelSpace
 from tiny_assets import (
     adapter_tensors,
@@ -103,13 +104,14 @@ def test_train_help_shows_every_option_with_its_default():
         assert name in lines, f"{name} missing from train --help"
         if param.default is not None and (not getattr(param, "is_flag", False) or param.secondary_opts):
             assert "[default: " in lines[name], f"{name} shows no default: {lines[name]!r}"
-    assert "lora/dora: 0.0005" in lines["--lr"] and "x>0" in lines["--lr"]
-    assert "[default: 16; x>=1]" in lines["--r"] and lines["--r"] is lines["--rank"]
+    assert "lora/dora/loha/lokr: 0.0005" in lines["--lr"] and "vera: 0.01" in lines["--lr"] and "x>0" in lines["--lr"]
+    assert "lora/dora: 16; loha/lokr: 8; vera: 256); x>=1]" in lines["--r"] and lines["--r"] is lines["--rank"]
+    assert "lora/dora: 32.0; loha: 16; lokr: 8" in lines["--alpha"]
     assert "[default: (70; seq-cls: 200); x>=0]" in lines["--max-steps"]
     assert "[default: runs/default]" in lines["--output"]
     assert "[default: lora]" in lines["--method"]
     assert "[" + "|".join(METHODS) + "]" in lines["--method"]
-    assert set(METHODS) == {"lora", "dora", "ia3", "prefix", "prompt", "ptuning", "adapter", "full"}
+    assert set(METHODS) == set(trainable_methods())
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "merge"])
@@ -389,6 +391,10 @@ PEFT_TYPES = {
     "lora": "LORA",
     "dora": "LORA",
     "ia3": "IA3",
+    "loha": "LOHA",
+    "lokr": "LOKR",
+    "vera": "VERA",
+    "ln-tuning": "LN_TUNING",
     "prefix": "PREFIX_TUNING",
     "prompt": "PROMPT_TUNING",
     "ptuning": "P_TUNING",

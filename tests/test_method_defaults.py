@@ -68,7 +68,7 @@ def test_help_shows_each_methods_default():
     lines = {"--" + entry.split()[0]: entry for entry in entries}
     assert "prefix/prompt/ptuning: 20" in lines["--virtual-tokens"] and "lora" not in lines["--virtual-tokens"]
     assert "prefix/prompt/ptuning: task" in lines["--virtual-init"]
-    assert "prefix: False" in lines["--prefix-projection"] and "ia3: none" in lines["--targets"]
+    assert "prefix: False" in lines["--prefix-projection"] and "ia3/ln-tuning: none" in lines["--targets"]
     assert "adapter: 16" in lines["--reduction-factor"] and "ptuning: 128" in lines["--encoder-hidden-size"]
 
 

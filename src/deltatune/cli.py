@@ -20,7 +20,11 @@ import click
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "ptuning", "adapter", "full")
+# Every `train --method` (deltatune.registry.trainable_methods; listed here so the CLI starts without torch).
+METHODS = (
+    *("lora", "dora", "loha", "lokr", "vera", "ia3", "ln-tuning"),
+    *("prefix", "prompt", "ptuning", "adapter", "full"),
+)
 TASKS = ("auto", "label-generation", "causal-lm", "seq-cls", "seq2seq")
 
 
@@ -122,13 +126,13 @@ class MethodDefault(click.Option):
     """
 
     def get_help_extra(self, ctx: click.Context) -> Any:
-        from deltatune.registry import trainable_methods
-        from deltatune.run_options import METHOD_FALLBACKS, METHOD_OPTIONS
+        from deltatune.registry import method_options, trainable_methods
+        from deltatune.run_options import METHOD_FALLBACKS
 
         by_value: dict[str, list[str]] = {}
         for method, defaults in trainable_methods().items():
             value = defaults.get(self.name, METHOD_FALLBACKS.get(self.name))
-            if self.name in METHOD_OPTIONS and method not in METHOD_OPTIONS[self.name]:
+            if self.name not in ("lr", "warmup") and method not in method_options().get(self.name, ()):
                 continue
             text = "none" if value is None else str(value)
             per_task = [f"{task}: {o[self.name]}" for task, o in defaults.tasks.items() if self.name in o]
@@ -249,10 +253,23 @@ def eval_data_options(f: Any) -> Any:
 @quantize_option
 @click.option("--method", type=click.Choice(METHODS), default="lora", help="What to train.")
 @click.option(
-    "--r", "--rank", "r", default=16, type=AT_LEAST_ONE, help="LoRA/DoRA rank (use --rank under torchrun: --r clashes)."
+    "--r",
+    "--rank",
+    "r",
+    cls=MethodDefault,
+    default=None,
+    type=AT_LEAST_ONE,
+    help="Rank: LoRA/DoRA's, LoHa/LoKr's factors', VeRA's projections' (--rank under torchrun: --r clashes).",
 )
-@click.option("--alpha", default=32.0, type=POSITIVE, help="LoRA/DoRA alpha (scale alpha/r).")
-@click.option("--dropout", default=0.0, type=click.FloatRange(0, 1, max_open=True), help="LoRA dropout.")
+@click.option(
+    "--alpha", cls=MethodDefault, default=None, type=POSITIVE, help="LoRA/DoRA/LoHa/LoKr alpha (scale alpha/r)."
+)
+@click.option(
+    "--dropout",
+    default=0.0,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="LoRA/DoRA and VeRA dropout on the adapter's input; LoHa/LoKr rank dropout.",
+)
 @click.option("--use-rslora", is_flag=True, help="LoRA/DoRA: rank-stabilised scale alpha/sqrt(r).")
 @click.option(
     "--init-lora-weights",
@@ -263,11 +280,11 @@ def eval_data_options(f: Any) -> Any:
     "--targets",
     cls=MethodDefault,
     default=None,
-    help="Modules to adapt (LoRA/DoRA/IA3): comma-separated names or 'all-linear' (IA3's none: keys, values, "
-    "feed-forward input).",
+    help="Modules to adapt: comma-separated names or 'all-linear' (IA3's none: keys, values, feed-forward input; "
+    "LN tuning's: every norm layer).",
 )
-@click.option("--exclude-modules", default=None, help="Modules to leave alone (LoRA/DoRA/IA3), comma-separated.")
-@click.option("--layers-to-transform", default=None, help="Only these blocks, e.g. 0,1,4-7 (LoRA/DoRA/IA3/adapter).")
+@click.option("--exclude-modules", default=None, help="Modules to leave alone, comma-separated.")
+@click.option("--layers-to-transform", default=None, help="Only these blocks, e.g. 0,1,4-7.")
 @click.option(
     "--modules-to-save", default=None, help="Modules trained in full and saved with the adapter, comma-separated."
 )
@@ -373,6 +390,12 @@ def eval_data_options(f: Any) -> Any:
 @click.option("--grad-accum", default=1, type=AT_LEAST_ONE, help="Micro-steps per optimizer step.")
 @click.option("--clip", default=1.0, type=NON_NEGATIVE, help="Gradient-norm clipping (0: off).")
 @click.option("--weight-decay", default=0.0, type=NON_NEGATIVE, help="Weight decay.")
+@click.option(
+    "--loraplus-ratio",
+    default=None,
+    type=POSITIVE,
+    help="LoRA+: train LoRA's B (and 1-D tensors) at this multiple of --lr (the paper recommends 16).",
+)
 @click.option("--seed", default=0, help="Seed for initialisation, data order and dropout.")
 @click.option(
     "--eval-every",

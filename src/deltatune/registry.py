@@ -86,6 +86,8 @@ class TrainingDefaults:
             describe (None: full fine-tuning, no adapter). ``options`` are the command's options by
             name; ``common`` the generic ones already parsed: ``task_type``, ``target_modules``,
             ``exclude_modules``, ``layers_to_transform``, ``modules_to_save``.
+        uses: the method-specific ``train`` options the method reads; given for a method that does
+            not, an option is reported unused.
     """
 
     lr: float
@@ -94,6 +96,7 @@ class TrainingDefaults:
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     source: str = ""
     config: Callable[[Mapping[str, Any], Mapping[str, Any]], PeftConfig] | None = None
+    uses: tuple[str, ...] = ()
 
     def get(self, option: str, fallback: Any = None) -> Any:
         """The method's own value, whatever the task."""
@@ -127,3 +130,16 @@ def training_defaults(name: str) -> TrainingDefaults:
 def trainable_methods() -> dict[str, TrainingDefaults]:
     """Every ``train --method`` name with its defaults, in registration order."""
     return dict(_TRAINING_DEFAULTS)
+
+
+# The train options that pick modules, shared by the methods that adapt named modules.
+MODULE_OPTIONS = ("targets", "exclude_modules", "layers_to_transform", "modules_to_save")
+
+
+def method_options() -> dict[str, tuple[str, ...]]:
+    """Each method-specific ``train`` option with the methods that read it (``TrainingDefaults.uses``)."""
+    users: dict[str, list[str]] = {}
+    for method, defaults in _TRAINING_DEFAULTS.items():
+        for option in defaults.uses:
+            users.setdefault(option, []).append(method)
+    return {option: tuple(methods) for option, methods in users.items()}

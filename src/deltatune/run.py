@@ -472,6 +472,7 @@ def _train(
         save_total_limit=options.get("save_total_limit", 1),
         metric_for_best=options.get("metric_for_best"),
         early_stopping_patience=options.get("early_stopping_patience", 0),
+        loraplus_ratio=options.get("loraplus_ratio"),
     )
 
     def export(model: nn.Module, folder: Path, main: bool) -> None:
@@ -538,6 +539,7 @@ def _train(
             "quantization": quantize,
             "base_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
             "optimizer": options.get("optim", "adamw"),
+            "loraplus_ratio": options.get("loraplus_ratio"),
             "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
             "main_metric": task.main_metric,
             "test_before": before,

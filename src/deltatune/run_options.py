@@ -19,37 +19,19 @@ from torch import nn
 
 from deltatune import data as datasets
 from deltatune.config import PeftConfig
-from deltatune.registry import training_defaults
+from deltatune.registry import method_options, training_defaults
 
 logger = logging.getLogger("deltatune")
 
-# The methods each method-specific option applies to; given for another method, it is reported unused.
-METHOD_OPTIONS = {
-    "r": ("lora", "dora"),
-    "alpha": ("lora", "dora"),
-    "dropout": ("lora", "dora"),
-    "use_rslora": ("lora", "dora"),
-    "init_lora_weights": ("lora", "dora"),
-    "targets": ("lora", "dora", "ia3"),
-    "exclude_modules": ("lora", "dora", "ia3"),
-    "layers_to_transform": ("lora", "dora", "ia3", "adapter"),
-    "modules_to_save": ("lora", "dora", "ia3", "adapter"),
-    "virtual_tokens": ("prefix", "prompt", "ptuning"),
-    "virtual_init": ("prefix", "prompt", "ptuning"),
-    "prefix_projection": ("prefix",),
-    "encoder_hidden_size": ("prefix", "ptuning"),
-    "encoder_type": ("ptuning",),
-    "prompt_init_text": ("prefix", "prompt", "ptuning"),
-    "reduction_factor": ("adapter",),
-    "placement": ("adapter",),
-}
 # Options whose default is the method's own (deltatune.registry.training_defaults); these values
 # serve a method whose module names none.
-METHOD_DEFAULTED = ("lr", "warmup", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
+METHOD_DEFAULTED = ("lr", "warmup", "r", "alpha", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
 METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor")
 METHOD_FALLBACKS: dict[str, Any] = {
     "lr": 5e-4,
     "warmup": 0.05,
+    "r": 16,
+    "alpha": 32.0,
     "targets": "all-linear",
     "virtual_tokens": 20,
     "virtual_init": "random",
@@ -133,7 +115,7 @@ def check_options(options: dict[str, Any], given: Collection[str]) -> None:
         raise ValueError(f"--eval-every {every}: give a number of steps, or a fraction of the steps below 1")
     if options.get("early_stopping_patience") and not options.get("eval_every"):
         raise ValueError("--early-stopping-patience needs --eval-every N (evaluations during training to compare)")
-    for key, methods in METHOD_OPTIONS.items():
+    for key, methods in method_options().items():
         if key in given and options["method"] not in methods:
             logger.warning(
                 "--%s applies to --method %s, not %s; ignored",
@@ -186,7 +168,7 @@ def check_targets(model: nn.Module, options: dict[str, Any]) -> None:
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
     flags = {"targets": "--targets", "exclude_modules": "--exclude-modules", "modules_to_save": "--modules-to-save"}
     for key, flag in flags.items():
-        if key not in METHOD_OPTIONS or options["method"] not in METHOD_OPTIONS[key]:
+        if options["method"] not in method_options().get(key, ()):
             continue
         value = options.get(key)
         if not value or value == "all-linear":

@@ -42,6 +42,7 @@ from torch import nn
 
 from deltatune.atomic import atomic_write_bytes
 from deltatune.model_info import find_blocks
+from deltatune.optimizers import loraplus_param_groups
 from deltatune.peft_model import PeftModel
 from deltatune.run_folder import LATEST
 from deltatune.tasks import Example, Task
@@ -79,6 +80,7 @@ class TrainArgs:
     save_total_limit: int = 1  # checkpoints kept (the newest)
     metric_for_best: str | None = None  # None: the task's main metric
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    loraplus_ratio: float | None = None  # LoRA+: B's learning rate this many times A's (deltatune.optimizers)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -96,6 +98,8 @@ class TrainArgs:
             raise ValueError(f"eval_every is a number of steps or a fraction below 1, got {self.eval_every}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
+        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
+            raise ValueError(f"loraplus_ratio must be positive (LoRA+ recommends 16), got {self.loraplus_ratio}")
 
 
 @dataclasses.dataclass
@@ -160,8 +164,9 @@ def learning_rate(step: int, total: int, args: TrainArgs) -> float:
     return args.min_lr + (args.lr - args.min_lr) * max(0.0, 1 - progress)
 
 
-def make_optimizer(params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay), SGD with momentum ``betas[0]``, or Adafactor (factored second moments)."""
+def make_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay), SGD with momentum ``betas[0]``, or Adafactor (factored second moments),
+    over ``params`` (tensors, or parameter groups such as LoRA+'s)."""
     if args.optim == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.betas[0], weight_decay=args.weight_decay)
     if args.optim == "adafactor":
@@ -171,7 +176,7 @@ def make_optimizer(params: list[nn.Parameter], args: TrainArgs) -> torch.optim.O
     return torch.optim.AdamW(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
 
 
-def _bitsandbytes_adamw(params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
+def _bitsandbytes_adamw(params: list[Any], args: TrainArgs) -> torch.optim.Optimizer:
     """AdamW with 8-bit blockwise-quantized moments (Dettmers et al. 2022): a quarter of AdamW's state
     memory; the paged variant keeps that state in CUDA unified memory, paged to the CPU under pressure."""
     from deltatune.quantization import require_bitsandbytes
@@ -180,7 +185,8 @@ def _bitsandbytes_adamw(params: list[nn.Parameter], args: TrainArgs) -> torch.op
     import bitsandbytes as bnb
 
     paged = args.optim == "paged_adamw8bit"
-    if paged and not all(p.is_cuda for p in params):
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if paged and not all(p.is_cuda for p in tensors):
         raise ValueError(
             "--optim paged_adamw8bit pages optimizer state between GPU and CPU memory and needs CUDA; "
             "on the CPU use adamw8bit or adamw"
@@ -258,7 +264,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = make_optimizer(self.params, args)
+        groups: list[Any] = self.params
+        if args.loraplus_ratio:
+            groups = loraplus_param_groups(model, args.lr, args.loraplus_ratio, loraplus_weight_decay=args.weight_decay)
+        self.optimizer = make_optimizer(groups, args)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
         self.step = 0
         self.best: float | None = None
@@ -290,7 +299,7 @@ class Trainer:
         units = sum(e.units for e in examples)
         lr = learning_rate(self.step, self.total_steps, self.args)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+'s groups keep their ratio to the schedule
         self.engine.train()
         loss_total = 0.0
         micro_batches = self._micro_batches(examples)

@@ -383,6 +383,7 @@ BOTTLENECK = register_method(Method(PeftType.BOTTLENECK, BottleneckConfig, attac
 register_training_defaults(
     "adapter",
     TrainingDefaults(
+        uses=("reduction_factor", "placement", "layers_to_transform", "modules_to_save"),
         lr=5e-4,
         options={"reduction_factor": 16},
         tasks={"seq-cls": {"lr": 1e-3}},

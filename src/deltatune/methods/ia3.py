@@ -38,7 +38,13 @@ from torch import nn
 from deltatune import base_layers, engine
 from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import ConfigError, PeftConfig, PeftType
-from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
+from deltatune.registry import (
+    MODULE_OPTIONS,
+    Method,
+    TrainingDefaults,
+    register_method,
+    register_training_defaults,
+)
 
 logger = logging.getLogger("deltatune")
 
@@ -400,6 +406,7 @@ IA3 = register_method(Method(peft_type=PeftType.IA3, config_class=IA3Config, att
 register_training_defaults(
     "ia3",
     TrainingDefaults(
+        uses=MODULE_OPTIONS,
         lr=5e-3,
         options={"targets": None},
         tasks={"seq-cls": {"lr": 2e-2}},

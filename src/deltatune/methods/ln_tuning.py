@@ -168,6 +168,7 @@ LN_TUNING = register_method(
 register_training_defaults(
     "ln-tuning",
     TrainingDefaults(
+        uses=("targets", "exclude_modules", "modules_to_save"),
         lr=5e-3,
         options={"targets": None},
         source="every norm layer; lr as (IA)^3's (a vector per layer), not yet tuned",

@@ -26,7 +26,13 @@ from torch import nn
 
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.methods.lycoris import LycorisConfig, LycorisLayer, attach_delta_method, config_options
-from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
+from deltatune.registry import (
+    MODULE_OPTIONS,
+    Method,
+    TrainingDefaults,
+    register_method,
+    register_training_defaults,
+)
 
 
 @dataclasses.dataclass
@@ -89,6 +95,7 @@ LOHA = register_method(Method(peft_type=PeftType.LOHA, config_class=LoHaConfig, 
 register_training_defaults(
     "loha",
     TrainingDefaults(
+        uses=("r", "alpha", "dropout", *MODULE_OPTIONS),
         lr=5e-4,
         options={"targets": "all-linear", "r": 8, "alpha": 16},
         source="LoRA's lr and all-linear targets; r=8 gives rank up to 64 at LoRA r=16's size",

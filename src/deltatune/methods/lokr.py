@@ -30,7 +30,13 @@ from torch import nn
 
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.methods.lycoris import LycorisConfig, LycorisLayer, attach_delta_method, config_options
-from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
+from deltatune.registry import (
+    MODULE_OPTIONS,
+    Method,
+    TrainingDefaults,
+    register_method,
+    register_training_defaults,
+)
 
 
 @dataclasses.dataclass
@@ -153,6 +159,7 @@ LOKR = register_method(Method(peft_type=PeftType.LOKR, config_class=LoKrConfig, 
 register_training_defaults(
     "lokr",
     TrainingDefaults(
+        uses=("r", "alpha", "dropout", *MODULE_OPTIONS),
         lr=5e-4,
         options={"targets": "all-linear", "r": 8, "alpha": 8},
         source="LoRA's lr and all-linear targets; PEFT's r=8, alpha=8",

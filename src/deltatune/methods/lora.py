@@ -43,7 +43,13 @@ from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.methods.lora_combine import add_weighted_adapter
 from deltatune.methods.lora_kernel import FusedLoraLinear
 from deltatune.modules_to_save import trained_biases
-from deltatune.registry import Method, TrainingDefaults, register_method, register_training_defaults
+from deltatune.registry import (
+    MODULE_OPTIONS,
+    Method,
+    TrainingDefaults,
+    register_method,
+    register_training_defaults,
+)
 
 
 @dataclasses.dataclass
@@ -709,12 +715,14 @@ def config_from_options(options: Mapping[str, Any], common: Mapping[str, Any], u
 register_training_defaults(
     "lora",
     TrainingDefaults(
+        uses=("r", "alpha", "dropout", "use_rslora", "init_lora_weights", *MODULE_OPTIONS),
         lr=5e-4, options=_LORA_DEFAULTS, source="all-linear r=16 (QLoRA paper); lr measured", config=config_from_options
     ),
 )
 register_training_defaults(
     "dora",
     TrainingDefaults(
+        uses=("r", "alpha", "dropout", "use_rslora", "init_lora_weights", *MODULE_OPTIONS),
         lr=5e-4,
         options=_LORA_DEFAULTS,
         source="as LoRA (Liu et al. 2024 use LoRA's settings)",

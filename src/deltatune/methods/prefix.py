@@ -246,6 +246,7 @@ PREFIX_TUNING = register_method(Method(PeftType.PREFIX_TUNING, PrefixTuningConfi
 register_training_defaults(
     "prefix",
     TrainingDefaults(
+        uses=("virtual_tokens", "virtual_init", "prefix_projection", "encoder_hidden_size", "prompt_init_text"),
         lr=5e-3,
         options={"virtual_tokens": 20, "prefix_projection": False, "virtual_init": "task"},
         tasks={"seq-cls": {"lr": 2e-2}},

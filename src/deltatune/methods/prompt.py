@@ -302,6 +302,7 @@ P_TUNING = register_method(
 register_training_defaults(
     "prompt",
     TrainingDefaults(
+        uses=("virtual_tokens", "virtual_init", "prompt_init_text"),
         lr=3e-2,
         options={"virtual_tokens": 20, "virtual_init": "task"},
         tasks={"seq-cls": {"lr": 1e-1}},
@@ -317,6 +318,7 @@ register_training_defaults(
 register_training_defaults(
     "ptuning",
     TrainingDefaults(
+        uses=("virtual_tokens", "virtual_init", "encoder_hidden_size", "encoder_type", "prompt_init_text"),
         lr=1e-2,
         options={"virtual_tokens": 20, "virtual_init": "task", "encoder_hidden_size": 128},
         tasks={"seq-cls": {"lr": 3e-2, "encoder_type": "LSTM"}},

@@ -251,6 +251,7 @@ def config_from_options(options: Mapping[str, Any], common: Mapping[str, Any]) -
 register_training_defaults(
     "vera",
     TrainingDefaults(
+        uses=("r", "dropout", "targets", "layers_to_transform", "modules_to_save"),
         lr=1e-2,
         options={"targets": "all-linear", "r": 256},
         source="r=256 and lr about 1e-2 (Kopiczko et al. 2024)",
