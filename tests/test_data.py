@@ -290,7 +290,7 @@ def test_sentiment_tokens_under_smollm2():
 
 def test_the_run_reads_a_user_file_once_whether_or_not_it_holds_conversations(tmp_path, monkeypatch):
     from deltatune import data
-    from deltatune.run import read_records
+    from deltatune.run_data import read_records
 
     reads = []
     real = data._read_text

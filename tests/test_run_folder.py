@@ -628,7 +628,7 @@ def test_files_written_atomically_get_an_ordinary_files_mode(llama_run):
 
 # -- a validation split by default -------------------------------------------------------------
 def test_hold_out_is_seeded_disjoint_capped_and_skipped_for_tiny_data():
-    from deltatune.run import hold_out
+    from deltatune.run_data import hold_out
 
     records = [{"i": i} for i in range(40)]
     train, validation, source = hold_out(records, 0.1, seed=3, source="data.csv")

@@ -26,16 +26,13 @@ from deltatune.models import EMBEDDED_MODELS, load_model
 from deltatune.peft_model import PeftModel
 from deltatune.run import (
     check_max_length,
-    choose_task,
     load_for_task,
-    load_split,
     model_family,
     model_record,
-    read_records,
-    required_columns,
     save_model_folder,
     task_spec,
 )
+from deltatune.run_data import choose_task, load_split, read_records, required_columns
 from deltatune.run_folder import SUMMARY_FILE, TaskSpec, Trained, make_task, read_summary, resolve_trained
 from deltatune.train import Distributed, evaluate
 

@@ -12,9 +12,9 @@ before and after: an adapter should barely move it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import random
 import shutil
 import time
 from collections.abc import Collection
@@ -24,14 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune import conversations
 from deltatune import data as datasets
 from deltatune.base_layers import parameter_count, unquantized_bytes
+from deltatune.config import PeftConfig
 from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
-from deltatune.packing import PackingError, check_packed_loss, pack_examples
+from deltatune.packing import check_packed_loss
+from deltatune.parallel import distributed_wrapper
 from deltatune.peft_model import PeftModel, get_peft_model
 from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
 from deltatune.reporting import Reporters
+from deltatune.run_data import choose_task, hold_out, limit, load_split, packed, required_columns
 from deltatune.run_folder import (
     ADAPTER_DIR,
     MODEL_DIR,
@@ -108,43 +110,10 @@ def model_record(name_or_path: str) -> str:
     return name_or_path if name_or_path in EMBEDDED_MODELS else str(Path(name_or_path).resolve())
 
 
-def choose_task(requested: str, family: str, records: list[dict[str, Any]], options: dict[str, Any]) -> str:
-    """The task for ``--task auto``: from the model family and the data's columns."""
-    if requested != "auto":
-        return requested
-    columns = set(records[0]) if records else set()
-    if "messages" in columns:
-        if family != "causal":
-            raise datasets.DataError(
-                f"{options['data']}: conversations train a causal language model; {options['model']} is not one"
-            )
-        return "causal-lm"
-    if options["label_column"] in columns:
-        return "label-generation" if family == "causal" else "seq-cls"
-    if options["response_column"] in columns:
-        return "seq2seq" if family == "seq2seq" else "causal-lm"
-    raise datasets.DataError(
-        f"{options['data']}: columns {sorted(columns)} hold neither a label column "
-        f"({options['label_column']!r}, for classification) nor a response column ({options['response_column']!r}, "
-        "for chat tuning); name them with --label-column / --text-column or --response-column / --prompt-column"
-    )
-
-
 def training_data_and_task(options: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """The training records as read and the task they make with the model (``--task auto`` resolved)."""
     raw, _ = load_split(options, "train", None)
     return raw, choose_task(options["task"], model_family(options["model"]), raw, options)
-
-
-def required_columns(kind: str, options: dict[str, Any], sample: dict[str, Any]) -> list[str]:
-    if kind in ("label-generation", "seq-cls"):
-        return [options["text_column"], options["label_column"]]
-    if kind == "seq2seq":
-        return [options["prompt_column"], options["response_column"]]
-    if "messages" in sample:
-        return ["messages"]
-    prompt = [options["prompt_column"]] if options["prompt_column"] and options["prompt_column"] in sample else []
-    return prompt + [options["response_column"]]
 
 
 def task_spec(kind: str, records: list[dict[str, Any]], options: dict[str, Any], base_model: str | None) -> TaskSpec:
@@ -236,83 +205,6 @@ def load_for_task(
     )
 
 
-def load_split(
-    options: dict[str, Any], split: str, file_option: str | None, columns: list[str] | None = None
-) -> tuple[list[dict[str, Any]], str]:
-    """A split's records and a name for messages: a user file named by ``file_option``, else the
-    built-in set's split (the nearest it has), else nothing."""
-    path = options.get(file_option) if file_option else None
-    source = options["data"]
-    splits = datasets.dataset_dict_splits(source) if not path and Path(source).is_dir() else None
-    if splits is not None:  # a DatasetDict folder: its own split, if it has this one
-        if split not in splits:
-            if split == "train":
-                raise datasets.DataError(f"{source}: a DatasetDict folder with splits {', '.join(splits)}, no train")
-            return [], ""
-        return read_records(Path(source) / split, columns, options["on_bad_row"]), f"{source} ({split})"
-    if not path and source in datasets.BUILTIN_DATASETS:
-        info = datasets.BUILTIN_DATASETS[source]
-        if split not in info.splits:
-            split = "test" if "test" in info.splits else info.splits[-1]
-        return datasets.load_dataset(source, split), f"{source} ({split})"
-    path = path or (source if file_option is None else None)
-    if not path:
-        return [], ""
-    return read_records(path, columns, options["on_bad_row"]), str(path)
-
-
-VAL_SPLIT_MAX_ROWS = 500
-
-
-def hold_out(
-    records: list[dict[str, Any]], share: float, seed: int, source: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """``records`` split into training and a seeded held-out validation share (at most 500 rows).
-
-    The same records, share and seed give the same split (a resumed run sees the one it started
-    with); the rows keep their order on both sides. With too few rows for one held-out row and a
-    training row, nothing is held out.
-    """
-    count = min(round(share * len(records)), VAL_SPLIT_MAX_ROWS)
-    if count < 1 or count >= len(records):
-        return records, [], {"source": None, "note": f"too few training rows ({len(records)}) to hold any out"}
-    held = set(random.Random(seed).sample(range(len(records)), count))
-    train = [r for i, r in enumerate(records) if i not in held]
-    validation = [r for i, r in enumerate(records) if i in held]
-    return train, validation, {"source": f"held out from {source}", "rows": count, "share": share, "seed": seed}
-
-
-def _packed(task: Task, examples: list[Any], options: dict[str, Any], say: Any) -> list[Any]:
-    """``--packing``: the training examples packed into rows (deltatune.packing), or why they cannot be."""
-    if not isinstance(task, CausalLM):
-        raise PackingError(f"--packing applies to causal-LM and chat data, not the {task.kind} task")
-    if options["method"] in ("prefix", "prompt", "ptuning"):
-        raise PackingError(
-            f"--packing puts several examples in a row, and {options['method']} tuning puts its virtual tokens in "
-            "front of a row, so only the first example would see them: use a layer method (lora, dora, ia3, "
-            "adapter, full) or train without --packing"
-        )
-    packed = pack_examples(examples, options["max_length"])
-    say(f"packing: {len(examples)} examples in {len(packed)} rows of at most {options['max_length']} tokens")
-    return packed
-
-
-def read_records(path: str | Path, columns: list[str] | None, on_bad_row: str) -> list[dict[str, Any]]:
-    """A user file's records: conversations (any format of :mod:`deltatune.conversations`) as
-    ``{"messages": [...]}``, other data with ``columns`` required and kept."""
-    def wanted(first: dict[str, Any]) -> list[str] | None:
-        return None if conversations.conversation_format(first) is not None else columns
-
-    records = datasets.load_records(path, columns=wanted, on_bad_row=on_bad_row)
-    if conversations.conversation_format(records[0]) is not None:
-        return conversations.as_conversations(records, str(path), on_bad_row)
-    return records
-
-
-def _limit(records: list[Any], count: int) -> list[Any]:
-    return records[:count] if count else records
-
-
 # -- training ------------------------------------------------------------------------------------
 def run_training(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
     """The main job (see the module docstring); ``given`` names the options the user set."""
@@ -341,6 +233,17 @@ def _mark_status(output: Path, status: str) -> None:
     write_summary(output, {**summary, "status": status})
 
 
+@dataclasses.dataclass
+class Splits:
+    """A run's encoded examples, and where its validation rows came from (recorded in the summary)."""
+
+    train_records: list[dict[str, Any]]
+    train: list[Any]
+    validation: list[Any] | None
+    test: list[Any] | None
+    validation_source: dict[str, Any]
+
+
 def _train(
     options: dict[str, Any],
     output: Path,
@@ -348,72 +251,24 @@ def _train(
     given: Collection[str],
     data_and_task: tuple[list[dict[str, Any]], str],
 ) -> dict[str, Any]:
+    """The stages of a run: check the task's options, load the model, encode the data, adapt the model,
+    record the run, train and evaluate, export and summarise."""
     started = time.perf_counter()
     recorded = recorded_options(options)  # as given: --resume compares a command with this
     torch.manual_seed(options["seed"])
     say = printer(dist_env.main)
-
     raw, task_kind = data_and_task
-    check_max_length(options["model"], options["max_length"])
-    for key in LABEL_GENERATION_OPTIONS:
-        if key in given and task_kind != "label-generation":
-            logger.warning(
-                "--%s applies to label generation, not the %s task; ignored", key.replace("_", "-"), task_kind
-            )
-    metric = options.get("metric_for_best")
-    if metric and metric not in TASK_METRICS[task_kind]:
-        raise ValueError(
-            f"--metric-for-best {metric}: the {task_kind} task reports {', '.join(TASK_METRICS[task_kind])}"
-        )
-    if task_kind == "causal-lm" and options["prompt_column"] not in raw[0]:
-        options = {**options, "prompt_column": None}
+    options = _check_task_options(options, given, task_kind, raw)
     columns = required_columns(task_kind, options, raw[0])
     train_records, train_name = load_split(options, "train", None, columns)
-    train_records = _limit(train_records, options["max_train"])
+    train_records = limit(train_records, options["max_train"])
     spec = task_spec(task_kind, train_records, options, model_record(options["model"]))
-    quantize = options.get("quantize") or "none"
-    say(f"loading {options['model']} for {task_kind}{'' if quantize == 'none' else f' ({quantize})'} ...")
-    device = _device(options.get("device", "auto"), dist_env)
-    model, tokenizer = load_for_task(options["model"], task_kind, spec.num_labels or 2, quantize, device)
-    precision = resolve_precision(options.get("precision", "auto"), device)
-    if precision == "fp16" and options["fsdp"] and dist_env.world > 1:
-        raise ValueError("--precision fp16 (loss scaling) is not supported with --fsdp; use bf16 or fp32")
-    if quantize == "none":
-        model.to(device)  # a quantized model was loaded onto its device
+    model, tokenizer, device, precision = _load_model(options, task_kind, spec, dist_env, say)
     task = make_task(spec, tokenizer, options["on_long"])
     if task_kind == "label-generation":  # what the task resolved (default prompt, label words) is what is saved
         spec.label_words, spec.instruction = list(task.words), task.instruction
-    eval_records, eval_name = load_split(options, "validation", "eval_data", columns)
-    validation_source: dict[str, Any] = {"source": eval_name} if eval_records else {"source": None}
-    if not eval_records and options.get("val_split", 0.1) > 0:
-        train_records, eval_records, validation_source = hold_out(
-            train_records, options.get("val_split", 0.1), options["seed"], train_name
-        )
-        eval_name = f"{train_name} (held-out validation)"
-    train_examples = task.encode(train_records, source=train_name)
-    if options.get("packing"):
-        train_examples = _packed(task, train_examples, options, say)
-    test_records, test_name = load_split(options, "test", "test_data", columns)
-    eval_records = _limit(eval_records, options["max_eval"])
-    test_records = _limit(test_records, options["max_test"])
-    eval_examples = task.encode(eval_records, source=eval_name) if eval_records else None
-    if not options.get("test_eval", True):
-        test_records = []
-    test_examples = task.encode(test_records, source=test_name) if test_records else None
-
-    config = method_config(options, task_kind)
-    if config is None:
-        for param in model.parameters():
-            param.requires_grad_(True)
-        trained: nn.Module = model
-    else:
-        check_targets(model, options)
-        config.base_model_name_or_path = spec.base_model
-        trained = get_peft_model(model, config)
-        if config.is_prompt_learning:
-            start_virtual_tokens(trained, options, tokenizer, task_words(spec, train_records))
-    if options.get("packing"):
-        check_packed_loss(task, trained, max(train_examples, key=lambda row: row.packed))
+    splits = _encode_splits(options, task, train_records, train_name, columns, say)
+    trained, config = _adapt(model, options, task, spec, tokenizer, splits)
     trainable, total = _count(trained)
     say(
         f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
@@ -427,7 +282,7 @@ def _train(
         "method": options["method"],
         "task": task_kind,
         "data": options["data"],
-        "validation_data": validation_source,
+        "validation_data": splits.validation_source,
     }
     if dist_env.main:  # everything is checked and loaded: only now is an earlier run replaced
         if options.get("overwrite") and output.is_dir():
@@ -436,87 +291,17 @@ def _train(
         write_summary(output, summary)
     dist_env.barrier()
 
-    batch = options["eval_batch_size"]
-    before = (
-        evaluate(trained if config is None else _base_view(trained), task, test_examples, batch, dist_env, precision)
-        if (test_examples and not options["resume"])
-        else None
-    )
-    if before:
-        say(f"before training, test: {short_metrics(before)}")
-    general = _general_examples(tokenizer, model_family(options["model"])) if options["forgetting"] else None
-    forgetting_before = _general_loss(trained, general, dist_env, precision, base=True) if general else None
-
-    args = TrainArgs(
-        output=output,
-        lr=options["lr"],
-        epochs=options["epochs"],
-        max_steps=options["max_steps"] or None,
-        batch_size=options["batch_size"],
-        grad_accum=options["grad_accum"],
-        warmup=options["warmup"],
-        schedule=options["schedule"],
-        weight_decay=options["weight_decay"],
-        clip=options["clip"] or None,
-        seed=options["seed"],
-        eval_every=options["eval_every"] or None,
-        save_every=options["save_every"] or None,
-        eval_batch_size=batch,
-        resume=options["resume"],
-        gradient_checkpointing=options["gradient_checkpointing"],
-        compile=options.get("compile_blocks", False),
-        precision=precision,
-        optim=options.get("optim", "adamw"),
-        betas=tuple(options.get("betas") or (0.9, 0.999)),
-        min_lr=options.get("min_lr", 0.0),
-        save_total_limit=options.get("save_total_limit", 1),
-        metric_for_best=options.get("metric_for_best"),
-        early_stopping_patience=options.get("early_stopping_patience", 0),
-        loraplus_ratio=options.get("loraplus_ratio"),
-    )
-
     def export(model: nn.Module, folder: Path, main: bool) -> None:
         export_trained(model, folder, main, tokenizer, spec)
 
-    progress = ProgressReporter(dist_env.main)
-    reporters = Reporters(options.get("report_to") or (), output, recorded, options["resume"], dist_env.main)
-
-    def on_record(record: dict[str, Any], total: int) -> None:
-        progress.update(record, total)
-        reporters.log(record)
-
-    trainer = Trainer(
-        trained,
-        task,
-        train_examples,
-        args,
-        evaluation=eval_examples,
-        distributed=dist_env,
-        progress=on_record,
-        wrap=_wrapper(options, dist_env),
-        export=export,
-    )
-    if before:
-        reporters.log({"step": 0, "split": "test", **before})
-    try:
-        with progress:
-            result = trainer.fit()
-        after = evaluate(trained, task, test_examples, batch, dist_env, precision) if test_examples else None
-        if after:
-            reporters.log({"step": result["steps"], "split": "test", **after})
-    finally:
-        reporters.close()
-    if result["stopped_early"]:
-        say(
-            f"stopped early at step {result['steps']}: {trainer.metric} did not improve "
-            f"in {args.early_stopping_patience} evaluations"
-        )
-    if after:
-        say(f"after training, test: {short_metrics(after)}")
+    general = _general_examples(tokenizer, model_family(options["model"])) if options["forgetting"] else None
+    forgetting_before = _general_loss(trained, general, dist_env, precision, base=True) if general else None
+    fitted = _fit(trained, task, splits, _train_args(options, output, precision), options, recorded, dist_env, export)
     forgetting_after = _general_loss(trained, general, dist_env, precision, base=False) if general else None
-
     final = output / (MODEL_DIR if config is None else ADAPTER_DIR)
     export(trained, final, dist_env.main)  # every process: sharded tensors are gathered
+    quantize = options.get("quantize") or "none"
+    result, trainer = fitted["result"], fitted["trainer"]
     summary.update(
         {
             "status": "finished",
@@ -542,8 +327,8 @@ def _train(
             "loraplus_ratio": options.get("loraplus_ratio"),
             "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
             "main_metric": task.main_metric,
-            "test_before": before,
-            "test_after": after,
+            "test_before": fitted["before"],
+            "test_after": fitted["after"],
             "best_validation": trainer.best,
             "metric_for_best": trainer.metric,
             "forgetting": None
@@ -560,6 +345,181 @@ def _train(
         plot_curves(output / "metrics.jsonl", output / "curves.png")
         print_summary(summary)
     return summary
+
+
+def _check_task_options(
+    options: dict[str, Any], given: Collection[str], task_kind: str, raw: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Options that depend on the task the data chose: refused, reported unused, or adjusted."""
+    check_max_length(options["model"], options["max_length"])
+    for key in LABEL_GENERATION_OPTIONS:
+        if key in given and task_kind != "label-generation":
+            logger.warning(
+                "--%s applies to label generation, not the %s task; ignored", key.replace("_", "-"), task_kind
+            )
+    metric = options.get("metric_for_best")
+    if metric and metric not in TASK_METRICS[task_kind]:
+        raise ValueError(
+            f"--metric-for-best {metric}: the {task_kind} task reports {', '.join(TASK_METRICS[task_kind])}"
+        )
+    if task_kind == "causal-lm" and options["prompt_column"] not in raw[0]:
+        options = {**options, "prompt_column": None}
+    return options
+
+
+def _load_model(
+    options: dict[str, Any], task_kind: str, spec: TaskSpec, dist_env: Distributed, say: Any
+) -> tuple[nn.Module, Any, torch.device, str]:
+    """The base model and tokenizer on the run's device, and the precision the run trains in."""
+    quantize = options.get("quantize") or "none"
+    say(f"loading {options['model']} for {task_kind}{'' if quantize == 'none' else f' ({quantize})'} ...")
+    device = _device(options.get("device", "auto"), dist_env)
+    model, tokenizer = load_for_task(options["model"], task_kind, spec.num_labels or 2, quantize, device)
+    precision = resolve_precision(options.get("precision", "auto"), device)
+    if precision == "fp16" and options["fsdp"] and dist_env.world > 1:
+        raise ValueError("--precision fp16 (loss scaling) is not supported with --fsdp; use bf16 or fp32")
+    if quantize == "none":
+        model.to(device)  # a quantized model was loaded onto its device
+    return model, tokenizer, device, precision
+
+
+def _encode_splits(
+    options: dict[str, Any],
+    task: Task,
+    train_records: list[dict[str, Any]],
+    train_name: str,
+    columns: list[str],
+    say: Any,
+) -> Splits:
+    """Training, validation (given, or held out of the training rows) and test examples, encoded."""
+    eval_records, eval_name = load_split(options, "validation", "eval_data", columns)
+    validation_source: dict[str, Any] = {"source": eval_name} if eval_records else {"source": None}
+    if not eval_records and options.get("val_split", 0.1) > 0:
+        train_records, eval_records, validation_source = hold_out(
+            train_records, options.get("val_split", 0.1), options["seed"], train_name
+        )
+        eval_name = f"{train_name} (held-out validation)"
+    train_examples = task.encode(train_records, source=train_name)
+    if options.get("packing"):
+        train_examples = packed(task, train_examples, options, say)
+    test_records, test_name = load_split(options, "test", "test_data", columns)
+    eval_records = limit(eval_records, options["max_eval"])
+    test_records = limit(test_records, options["max_test"])
+    if not options.get("test_eval", True):
+        test_records = []
+    return Splits(
+        train_records=train_records,
+        train=train_examples,
+        validation=task.encode(eval_records, source=eval_name) if eval_records else None,
+        test=task.encode(test_records, source=test_name) if test_records else None,
+        validation_source=validation_source,
+    )
+
+
+def _adapt(
+    model: nn.Module, options: dict[str, Any], task: Task, spec: TaskSpec, tokenizer: Any, splits: Splits
+) -> tuple[nn.Module, PeftConfig | None]:
+    """The model to train: the base with ``--method``'s adapter, or the whole base (full fine-tuning)."""
+    config = method_config(options, spec.kind)
+    if config is None:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        trained: nn.Module = model
+    else:
+        check_targets(model, options)
+        config.base_model_name_or_path = spec.base_model
+        trained = get_peft_model(model, config)
+        if config.is_prompt_learning:
+            start_virtual_tokens(trained, options, tokenizer, task_words(spec, splits.train_records))
+    if options.get("packing"):
+        check_packed_loss(task, trained, max(splits.train, key=lambda row: row.packed))
+    return trained, config
+
+
+def _train_args(options: dict[str, Any], output: Path, precision: str) -> TrainArgs:
+    return TrainArgs(
+        output=output,
+        lr=options["lr"],
+        epochs=options["epochs"],
+        max_steps=options["max_steps"] or None,
+        batch_size=options["batch_size"],
+        grad_accum=options["grad_accum"],
+        warmup=options["warmup"],
+        schedule=options["schedule"],
+        weight_decay=options["weight_decay"],
+        clip=options["clip"] or None,
+        seed=options["seed"],
+        eval_every=options["eval_every"] or None,
+        save_every=options["save_every"] or None,
+        eval_batch_size=options["eval_batch_size"],
+        resume=options["resume"],
+        gradient_checkpointing=options["gradient_checkpointing"],
+        compile=options.get("compile_blocks", False),
+        precision=precision,
+        optim=options.get("optim", "adamw"),
+        betas=tuple(options.get("betas") or (0.9, 0.999)),
+        min_lr=options.get("min_lr", 0.0),
+        save_total_limit=options.get("save_total_limit", 1),
+        metric_for_best=options.get("metric_for_best"),
+        early_stopping_patience=options.get("early_stopping_patience", 0),
+        loraplus_ratio=options.get("loraplus_ratio"),
+    )
+
+
+def _fit(
+    trained: nn.Module,
+    task: Task,
+    splits: Splits,
+    args: TrainArgs,
+    options: dict[str, Any],
+    recorded: dict[str, Any],
+    dist_env: Distributed,
+    export: Any,
+) -> dict[str, Any]:
+    """Test before, train (progress, reporters, validation, checkpoints), test after."""
+    say = printer(dist_env.main)
+    base_only = trained if not isinstance(trained, PeftModel) else _base_view(trained)
+    batch, precision, output = args.eval_batch_size, args.precision, args.output
+    before = None
+    if splits.test and not options["resume"]:
+        before = evaluate(base_only, task, splits.test, batch, dist_env, precision)
+        say(f"before training, test: {short_metrics(before)}")
+    progress = ProgressReporter(dist_env.main)
+    reporters = Reporters(options.get("report_to") or (), output, recorded, options["resume"], dist_env.main)
+
+    def on_record(record: dict[str, Any], total: int) -> None:
+        progress.update(record, total)
+        reporters.log(record)
+
+    trainer = Trainer(
+        trained,
+        task,
+        splits.train,
+        args,
+        evaluation=splits.validation,
+        distributed=dist_env,
+        progress=on_record,
+        wrap=distributed_wrapper(options["fsdp"], dist_env),
+        export=export,
+    )
+    if before:
+        reporters.log({"step": 0, "split": "test", **before})
+    try:
+        with progress:
+            result = trainer.fit()
+        after = evaluate(trained, task, splits.test, batch, dist_env, precision) if splits.test else None
+        if after:
+            reporters.log({"step": result["steps"], "split": "test", **after})
+    finally:
+        reporters.close()
+    if result["stopped_early"]:
+        say(
+            f"stopped early at step {result['steps']}: {trainer.metric} did not improve "
+            f"in {args.early_stopping_patience} evaluations"
+        )
+    if after:
+        say(f"after training, test: {short_metrics(after)}")
+    return {"result": result, "trainer": trainer, "before": before, "after": after}
 
 
 def export_trained(model: nn.Module, folder: Path, main: bool, tokenizer: Any, spec: TaskSpec) -> None:
@@ -663,33 +623,3 @@ def _general_loss(model: nn.Module, general: list[Any], distributed: Distributed
     task, examples = general
     view = _base_view(model) if base else model
     return evaluate(view, task, examples, 32, distributed, precision)["loss"]
-
-
-def _wrapper(options: dict[str, Any], distributed: Distributed) -> Any:
-    if distributed.world == 1:
-        if options["fsdp"]:
-            logger.warning("--fsdp needs several processes (torchrun); training on one process without it")
-        return None
-    if options["fsdp"]:
-        return shard_with_fsdp
-    from torch.nn.parallel import DistributedDataParallel
-
-    def wrap(module: nn.Module) -> nn.Module:
-        on_gpu = next(module.parameters()).is_cuda  # a CPU model on a GPU machine (--device cpu) takes none
-        return DistributedDataParallel(module, device_ids=[distributed.local_rank] if on_gpu else None)
-
-    return wrap
-
-
-def shard_with_fsdp(model: nn.Module) -> nn.Module:
-    """FSDP2: each transformer block is its own shard unit, then the root (gloo on CPU, NCCL on GPU)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(next(model.parameters()).device.type, (torch.distributed.get_world_size(),))
-    for module in list(model.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
