@@ -55,3 +55,18 @@ def test_readme_trl_example_runs(tmp_path, monkeypatch):
     exec(compile(block, str(README), "exec"), namespace)
     assert namespace["trainer"].state.global_step == 2
     assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_readme_new_methods_block_builds_configs_that_attach():
+    import deltatune as dt
+
+    from conftest import tiny_model
+
+    namespace: dict = {}
+    exec(compile(_block("LoHaConfig(r=8"), str(README), "exec"), namespace)
+    for name in ("LoHaConfig", "LoKrConfig", "VeraConfig", "LNTuningConfig"):
+        assert name in namespace
+    dt.get_peft_model(tiny_model("llama"), dt.LoKrConfig(r=8, decompose_both=True, target_modules="all-linear"))
+    text = README.read_text()
+    for config in ("LoHaConfig", "LoKrConfig", "VeraConfig", "LNTuningConfig", "LoraConfig"):
+        assert f"| `{config}`" in text or f"(`{config}`)" in text, f"README's tables lack {config}"
