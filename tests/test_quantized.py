@@ -84,6 +84,8 @@ CONFIGS = {
     ),
     "loha": lambda lib: lib.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], init_weights=False),
     "lokr": lambda lib: lib.LoKrConfig(r=2, target_modules=["q_proj", "down_proj"], init_weights=False),
+    "oft": lambda lib: lib.OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj"], init_weights=False),
+    "boft": lambda lib: lib.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "down_proj"], init_weights=False),
 }
 
 
@@ -97,9 +99,11 @@ def randomize_dora(model: nn.Module) -> None:
 
 
 # -- numerics against HF PEFT, both directions through files ------------------------------------
-# PEFT 0.21 cannot run LoHa or LoKr on a 4-bit base (it reshapes the delta to the packed weight's shape):
-# those are checked against the dequantized float model instead, below.
+# PEFT 0.21 cannot run LoHa or LoKr on a 4-bit base (it reshapes the delta to the packed weight's shape),
+# nor OFT or BOFT on a torchao base loaded outside transformers: those are checked against the
+# dequantized float model instead, below.
 PEFT_CANNOT = {("loha", "nf4"), ("loha", "fp4"), ("lokr", "nf4"), ("lokr", "fp4")}
+PEFT_CANNOT |= {("oft", "torchao-int8"), ("boft", "torchao-int8")}
 
 
 @pytest.mark.parametrize(
@@ -123,7 +127,7 @@ def test_adapters_cross_with_peft_on_the_same_quantized_base(llama_dir, tmp_path
 
 
 @pytest.mark.parametrize(("method", "kind"), sorted(PEFT_CANNOT))
-def test_a_4bit_base_gives_the_dequantized_float_models_outputs_where_peft_fails(llama_dir, tmp_path, method, kind):
+def test_a_quantized_base_gives_its_dequantized_models_outputs_where_peft_fails(llama_dir, tmp_path, method, kind):
     torch.manual_seed(0)
     quantized = load(llama_dir, kind)
     ours = dt.get_peft_model(quantized, CONFIGS[method](dt)).eval()
@@ -149,7 +153,7 @@ def test_a_fresh_lora_leaves_the_quantized_model_as_it_was(llama_dir, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "adapter", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "oft", "adapter", "prompt"])
 def test_training_reaches_only_adapters_and_lowers_the_loss(llama_dir, kind, method):
     base = dt.prepare_model_for_kbit_training(load(llama_dir, kind), use_gradient_checkpointing=False)
     configs = {
@@ -157,6 +161,7 @@ def test_training_reaches_only_adapters_and_lowers_the_loss(llama_dir, kind, met
         "dora": dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
         "ia3": dt.IA3Config(),
         "loha": dt.LoHaConfig(r=4, target_modules="all-linear"),
+        "oft": dt.OFTConfig(oft_block_size=8, target_modules="all-linear"),
         "adapter": dt.BottleneckConfig(reduction_factor=4),
         "prompt": dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
     }

@@ -4,12 +4,14 @@ from deltatune.checkpoint import CheckpointError
 from deltatune.config import ConfigError, PeftConfig, PeftType, TaskType
 from deltatune.engine import TargetModuleError
 from deltatune.methods import (
+    BOFTConfig,
     BottleneckConfig,
     IA3Config,
     LNTuningConfig,
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    OFTConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
@@ -32,6 +34,7 @@ from deltatune.quantization import prepare_model_for_kbit_training
 __version__ = "0.1.0"
 
 __all__ = [
+    "BOFTConfig",
     "BottleneckConfig",
     "Parallel",
     "Stack",
@@ -42,6 +45,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

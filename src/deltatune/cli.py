@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 # Every `train --method` (deltatune.registry.trainable_methods; listed here so the CLI starts without torch).
 METHODS = (
-    *("lora", "dora", "loha", "lokr", "vera", "ia3", "ln-tuning"),
+    *("lora", "dora", "loha", "lokr", "vera", "oft", "boft", "ia3", "ln-tuning"),
     *("prefix", "prompt", "ptuning", "adapter", "full"),
 )
 TASKS = ("auto", "label-generation", "causal-lm", "seq-cls", "seq2seq")

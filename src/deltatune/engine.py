@@ -229,6 +229,15 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
+def innermost_of(module: nn.Module, layer_class: type[AdapterLayer]) -> AdapterLayer:
+    """The ``layer_class`` wrapper in the chain of wrappers at one path."""
+    while not isinstance(module, layer_class):
+        if not isinstance(module, AdapterLayer):
+            raise TypeError(f"no {layer_class.__name__} at this path")
+        module = module.base_layer
+    return module
+
+
 def checkpoint_path(path: str) -> str:
     """A wrapper's path as HF PEFT names it: without the ``base_layer`` steps of nested wrappers."""
     return ".".join(part for part in path.split(".") if part != "base_layer")
