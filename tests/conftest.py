@@ -117,6 +117,24 @@ def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return TINY_MODELS[kind](seed)
 
 
+def sgd_losses(model: torch.nn.Module, kind: str, lr: float, steps: int = 3, seed: int | None = None) -> list[float]:
+    """The training losses of ``steps`` plain SGD steps on the tiny inputs of ``kind`` (labels = inputs):
+    two libraries given the same weights must give the same list. ``seed`` fixes the model's own dropout."""
+    batch = {**tiny_inputs(kind), "labels": tiny_inputs(kind)["input_ids"]}
+    model.train()
+    if seed is not None:
+        torch.manual_seed(seed)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def perturb_trainable(model: torch.nn.Module, seed: int = 7) -> None:
     """Make every trained tensor non-trivial (magnitudes, heads, biases), deterministically."""
     generator = torch.Generator().manual_seed(seed)

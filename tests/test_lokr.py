@@ -12,7 +12,7 @@ import deltatune as dt
 from deltatune import checkpoint
 from deltatune.methods.lokr import factorization
 
-from conftest import tiny_inputs, tiny_model
+from conftest import sgd_losses, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("factor", [-1, 2, 3, 4, 8, 64])
@@ -63,18 +63,7 @@ def test_training_steps_equal_peft_from_the_same_weights(tmp_path):
     theirs = peft.get_peft_model(tiny_model("llama"), peft.LoKrConfig(**config))
     theirs.save_pretrained(tmp_path)
     ours = dt.PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
-    batch = {**tiny_inputs("llama"), "labels": tiny_inputs("llama")["input_ids"]}
-    losses = {}
-    for name, model in (("theirs", theirs), ("ours", ours)):
-        model.train()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        losses[name] = []
-        for _ in range(3):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[name].append(loss.item())
+    losses = {name: sgd_losses(model, "llama", lr=1.0) for name, model in (("theirs", theirs), ("ours", ours))}
     assert losses["ours"] == pytest.approx(losses["theirs"], abs=1e-5)
     assert losses["ours"][-1] < losses["ours"][0]
 

@@ -11,7 +11,7 @@ import deltatune as dt
 from deltatune import checkpoint
 from deltatune.methods.vera import projections
 
-from conftest import perturb_trainable, tiny_inputs, tiny_model
+from conftest import perturb_trainable, sgd_losses, tiny_inputs, tiny_model
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -102,19 +102,9 @@ def test_training_steps_and_trained_biases_equal_peft(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = dt.PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path, is_trainable=True)
     assert ours.peft_config["default"].fan_in_fan_out  # Conv1D, recorded as PEFT does
-    batch = {**tiny_inputs("gpt2"), "labels": tiny_inputs("gpt2")["input_ids"]}
-    losses = {}
-    for name, model in (("theirs", theirs), ("ours", ours)):
-        model.train()
-        torch.manual_seed(1)  # GPT-2's own dropouts draw the same masks in both
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
-        losses[name] = []
-        for _ in range(3):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[name].append(loss.item())
+    losses = {
+        name: sgd_losses(model, "gpt2", lr=2.0, seed=1) for name, model in (("theirs", theirs), ("ours", ours))
+    }  # GPT-2's own dropouts draw the same masks in both
     assert losses["ours"] == pytest.approx(losses["theirs"], abs=1e-5)
     assert losses["ours"][-1] < losses["ours"][0]
     ours.save_pretrained(tmp_path / "ours")

@@ -143,6 +143,42 @@ def find_targets(
     raise TargetModuleError(_no_match_message(named, target_modules, layers_to_transform, method))
 
 
+def attach_to_linear_layers(
+    model: nn.Module,
+    adapter_name: str,
+    config: Any,
+    layer_class: type[AdapterLayer],
+    method: str,
+    default_targets: Callable[[nn.Module, tuple[type[nn.Module], ...]], list[str]],
+) -> list[str]:
+    """Wrap the linear layers ``config`` selects in ``layer_class`` and add adapter ``adapter_name``.
+
+    ``config`` has HF PEFT's selection fields (``target_modules``, ``layers_to_transform``,
+    ``layers_pattern``, ``modules_to_save``, and ``exclude_modules`` where the method has it);
+    ``target_modules`` None takes ``default_targets(model, linear types)``. The config is completed
+    in place: ``target_modules`` becomes the names found (for ``"all-linear"`` and None), so tools
+    that do not resolve them (vLLM) read the same adapter.
+    """
+    linear = linear_types()
+    targets = config.target_modules if config.target_modules is not None else default_targets(model, linear)
+    paths = find_targets(
+        model,
+        targets,
+        wrappable=linear,
+        exclude_modules=getattr(config, "exclude_modules", None),
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        skip=config.modules_to_save or (),
+        method=method,
+    )
+    if isinstance(targets, str) and targets.lower() in ("all-linear", "all_linear"):
+        config.target_modules = sorted({path.rsplit(".", 1)[-1] for path in paths})
+    elif config.target_modules is None:
+        config.target_modules = list(targets)
+    wrap_targets(model, paths, layer_class, lambda layer, path: layer.add_adapter(adapter_name, config, path))
+    return paths
+
+
 def first_present_group(
     model: nn.Module, groups: Sequence[Sequence[str]], wrappable: tuple[type[nn.Module], ...]
 ) -> list[str] | None:

@@ -229,25 +229,8 @@ class BOFTLinear(RotationLayer):
 def attach_boft(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
     """Wrap every target module of ``model`` with BOFT adapter ``adapter_name``; return their paths."""
     assert isinstance(config, BOFTConfig)
-    linear = engine.linear_types()
-    targets = config.target_modules if config.target_modules is not None else lora.default_targets(model, linear)
-    paths = engine.find_targets(
-        model,
-        targets,
-        wrappable=linear,
-        exclude_modules=config.exclude_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-        skip=config.modules_to_save or (),
-        method="BOFT",
-    )
-    if isinstance(targets, str) and targets.lower() in ("all-linear", "all_linear"):
-        config.target_modules = sorted({path.rsplit(".", 1)[-1] for path in paths})
-    elif config.target_modules is None:
-        config.target_modules = list(targets)
     config.fan_in_fan_out = False  # the rotation is on the input whatever the storage; PEFT records False
-    engine.wrap_targets(model, paths, BOFTLinear, lambda layer, p: layer.add_adapter(adapter_name, config, p))
-    return paths
+    return engine.attach_to_linear_layers(model, adapter_name, config, BOFTLinear, "BOFT", lora.default_targets)
 
 
 BOFT = register_method(Method(peft_type=PeftType.BOFT, config_class=BOFTConfig, attach=attach_boft))

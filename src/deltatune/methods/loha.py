@@ -24,8 +24,10 @@ import math
 import torch
 from torch import nn
 
+from deltatune import engine
 from deltatune.config import ConfigError, PeftConfig, PeftType
-from deltatune.methods.lycoris import LycorisConfig, LycorisLayer, attach_delta_method, config_options
+from deltatune.methods import lora
+from deltatune.methods.lycoris import LycorisConfig, LycorisLayer, config_options
 from deltatune.registry import (
     MODULE_OPTIONS,
     Method,
@@ -87,7 +89,7 @@ class LoHaLinear(LycorisLayer):
 def attach_loha(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
     """Wrap every target module of ``model`` with LoHa adapter ``adapter_name``; return their paths."""
     assert isinstance(config, LoHaConfig)
-    return attach_delta_method(model, adapter_name, config, LoHaLinear, "LoHa")
+    return engine.attach_to_linear_layers(model, adapter_name, config, LoHaLinear, "LoHa", lora.default_targets)
 
 
 LOHA = register_method(Method(peft_type=PeftType.LOHA, config_class=LoHaConfig, attach=attach_loha))

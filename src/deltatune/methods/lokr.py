@@ -28,8 +28,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from deltatune import engine
 from deltatune.config import ConfigError, PeftConfig, PeftType
-from deltatune.methods.lycoris import LycorisConfig, LycorisLayer, attach_delta_method, config_options
+from deltatune.methods import lora
+from deltatune.methods.lycoris import LycorisConfig, LycorisLayer, config_options
 from deltatune.registry import (
     MODULE_OPTIONS,
     Method,
@@ -151,7 +153,7 @@ class LoKrLinear(LycorisLayer):
 def attach_lokr(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
     """Wrap every target module of ``model`` with LoKr adapter ``adapter_name``; return their paths."""
     assert isinstance(config, LoKrConfig)
-    return attach_delta_method(model, adapter_name, config, LoKrLinear, "LoKr")
+    return engine.attach_to_linear_layers(model, adapter_name, config, LoKrLinear, "LoKr", lora.default_targets)
 
 
 LOKR = register_method(Method(peft_type=PeftType.LOKR, config_class=LoKrConfig, attach=attach_lokr))

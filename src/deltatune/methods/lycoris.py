@@ -25,7 +25,6 @@ from torch import nn
 from deltatune import engine
 from deltatune.config import ConfigError, PeftConfig
 from deltatune.delta_layer import DeltaLayer
-from deltatune.methods import lora
 
 
 @dataclasses.dataclass
@@ -144,34 +143,6 @@ class LycorisLayer(DeltaLayer):
                 keep = keep / keep.mean().clamp_min(1.0 / delta.shape[0])  # all dropped: zeros, not NaN
             delta = delta * keep[:, None]
         return F.linear(x, delta)
-
-
-def attach_delta_method(
-    model: nn.Module,
-    adapter_name: str,
-    config: LycorisConfig,
-    layer_class: type[DeltaLayer],
-    method: str,
-) -> list[str]:
-    """Wrap every target linear layer of ``model`` in ``layer_class`` with adapter ``adapter_name``."""
-    linear = engine.linear_types()
-    targets = config.target_modules if config.target_modules is not None else lora.default_targets(model, linear)
-    paths = engine.find_targets(
-        model,
-        targets,
-        wrappable=linear,
-        exclude_modules=config.exclude_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-        skip=config.modules_to_save or (),
-        method=method,
-    )
-    if isinstance(config.target_modules, str) and config.target_modules.lower() in ("all-linear", "all_linear"):
-        config.target_modules = sorted({path.rsplit(".", 1)[-1] for path in paths})
-    elif config.target_modules is None:
-        config.target_modules = list(targets)
-    engine.wrap_targets(model, paths, layer_class, lambda layer, p: layer.add_adapter(adapter_name, config, p))
-    return paths
 
 
 def config_options(options: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:

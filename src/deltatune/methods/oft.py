@@ -249,24 +249,8 @@ class OFTLinear(RotationLayer):
 def attach_oft(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
     """Wrap every target module of ``model`` with OFT adapter ``adapter_name``; return their paths."""
     assert isinstance(config, OFTConfig)
-    linear = engine.linear_types()
-    targets = config.target_modules if config.target_modules is not None else lora.default_targets(model, linear)
-    paths = engine.find_targets(
-        model,
-        targets,
-        wrappable=linear,
-        exclude_modules=config.exclude_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-        skip=config.modules_to_save or (),
-        method="OFT",
-    )
-    if isinstance(targets, str) and targets.lower() in ("all-linear", "all_linear"):
-        config.target_modules = sorted({path.rsplit(".", 1)[-1] for path in paths})
-    elif config.target_modules is None:
-        config.target_modules = list(targets)
     config.fan_in_fan_out = False  # the rotation is on the input whatever the storage; PEFT records False
-    engine.wrap_targets(model, paths, OFTLinear, lambda layer, p: layer.add_adapter(adapter_name, config, p))
+    paths = engine.attach_to_linear_layers(model, adapter_name, config, OFTLinear, "OFT", lora.default_targets)
     wanted = ("oft_block_size", config.oft_block_size) if config.r == 0 else ("r", config.r)
     moved = {}
     for path in paths:
