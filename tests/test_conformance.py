@@ -45,6 +45,9 @@ CASES = {
         "vera-seeded": lambda kind: dt.VeraConfig(r=6, projection_prng_key=3, save_projection=False, vera_dropout=0.1),
     },
     "LN_TUNING": {"ln-tuning": lambda kind: dt.LNTuningConfig()},
+    "ADALORA": {
+        "adalora": lambda kind: dt.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules="all-linear")
+    },
     "OFT": {
         "oft": lambda kind: dt.OFTConfig(oft_block_size=8, target_modules="all-linear", init_weights=False),
         "oft-exact-coft": lambda kind: dt.OFTConfig(

@@ -57,6 +57,9 @@ def test_readme_trl_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
 
+METHOD_CONFIGS = ("LoHaConfig", "LoKrConfig", "VeraConfig", "OFTConfig", "BOFTConfig", "AdaLoraConfig", "LNTuningConfig")
+
+
 def test_readme_new_methods_block_builds_configs_that_attach():
     import deltatune as dt
 
@@ -64,9 +67,9 @@ def test_readme_new_methods_block_builds_configs_that_attach():
 
     namespace: dict = {}
     exec(compile(_block("LoHaConfig(r=8"), str(README), "exec"), namespace)
-    for name in ("LoHaConfig", "LoKrConfig", "VeraConfig", "LNTuningConfig"):
+    for name in METHOD_CONFIGS:
         assert name in namespace
     dt.get_peft_model(tiny_model("llama"), dt.LoKrConfig(r=8, decompose_both=True, target_modules="all-linear"))
     text = README.read_text()
-    for config in ("LoHaConfig", "LoKrConfig", "VeraConfig", "LNTuningConfig", "LoraConfig"):
+    for config in METHOD_CONFIGS + ("LoraConfig",):
         assert f"| `{config}`" in text or f"(`{config}`)" in text, f"README's tables lack {config}"

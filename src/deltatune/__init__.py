@@ -4,6 +4,7 @@ from deltatune.checkpoint import CheckpointError
 from deltatune.config import ConfigError, PeftConfig, PeftType, TaskType
 from deltatune.engine import TargetModuleError
 from deltatune.methods import (
+    AdaLoraConfig,
     BOFTConfig,
     BottleneckConfig,
     IA3Config,
@@ -34,6 +35,7 @@ from deltatune.quantization import prepare_model_for_kbit_training
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "BOFTConfig",
     "BottleneckConfig",
     "Parallel",

@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 # Every `train --method` (deltatune.registry.trainable_methods; listed here so the CLI starts without torch).
 METHODS = (
-    *("lora", "dora", "loha", "lokr", "vera", "oft", "boft", "ia3", "ln-tuning"),
+    *("lora", "dora", "adalora", "loha", "lokr", "vera", "oft", "boft", "ia3", "ln-tuning"),
     *("prefix", "prompt", "ptuning", "adapter", "full"),
 )
 TASKS = ("auto", "label-generation", "causal-lm", "seq-cls", "seq2seq")
@@ -259,7 +259,8 @@ def eval_data_options(f: Any) -> Any:
     cls=MethodDefault,
     default=None,
     type=AT_LEAST_ONE,
-    help="Rank: LoRA/DoRA's, LoHa/LoKr's factors', VeRA's projections' (--rank under torchrun: --r clashes).",
+    help="Rank: LoRA/DoRA's, AdaLoRA's final average, LoHa/LoKr's factors', VeRA's projections' "
+    "(--rank under torchrun: --r clashes).",
 )
 @click.option(
     "--alpha", cls=MethodDefault, default=None, type=POSITIVE, help="LoRA/DoRA/LoHa/LoKr alpha (scale alpha/r)."

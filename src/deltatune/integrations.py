@@ -116,6 +116,28 @@ def recognising(method: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+class AdapterStepCallback(TrainerCallback):
+    """Runs :meth:`~deltatune.PeftModel.update_and_allocate` after every optimizer step, before the
+    gradients are cleared (AdaLoRA's rank allocation), as HF PEFT's examples do by hand.
+    :class:`AdapterTrainer` and the TRL trainers add it; add it to an unchanged ``Trainer`` yourself."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        model = unwrap_parallel(model)
+        if isinstance(model, PeftModel):
+            model.update_and_allocate(state.global_step + 1)  # the step being taken (global_step counts done ones)
+
+
+def with_adapter_steps(init: Callable[..., Any]) -> Callable[..., Any]:
+    """A Trainer ``__init__`` that also adds :class:`AdapterStepCallback`."""
+
+    @functools.wraps(init)
+    def run(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.add_callback(AdapterStepCallback())
+
+    return run
+
+
 class AdapterSaving:
     """A Trainer mixin: a deltatune model is saved as its adapters, in PEFT's files, with the tokenizer."""
 
@@ -139,7 +161,7 @@ class AdapterTrainer(AdapterSaving, Trainer):
     resumes and loads the best checkpoint through the model's ``load_adapter``.
     """
 
-    __init__ = recognising(Trainer.__init__)
+    __init__ = recognising(with_adapter_steps(Trainer.__init__))
     train = recognising(Trainer.train)
     evaluate = recognising(Trainer.evaluate)
     predict = recognising(Trainer.predict)

@@ -89,6 +89,10 @@ class AdapterHost(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def update_and_allocate(self, global_step: int) -> None:
+        """HF PEFT's place for it (``model.base_model.update_and_allocate``): :meth:`PeftModel.update_and_allocate`."""
+        self.__dict__["_update_and_allocate"](global_step)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -115,6 +119,8 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = AdapterHost(model)
+        # Not a submodule (no cycle in the module tree); deepcopy and pickle follow it to the copy.
+        self.base_model.__dict__["_update_and_allocate"] = self.update_and_allocate
         self._causal_lm_loss = CausalLMLoss()
         # Input methods' trained tensors (prompt tuning, P-tuning, prefix tuning), by adapter name.
         self.prompt_encoder = nn.ModuleDict()
@@ -267,6 +273,7 @@ class PeftModel(nn.Module):
         return {k: m for k, m in self.base_model._modules.items() if isinstance(m, SharedBuffers)}
 
     def _detach(self, adapter_name: str) -> None:
+        self.__dict__.get("_step_hooks", {}).pop(adapter_name, None)
         for kind, container in self._shared_containers().items():
             container.remove(adapter_name)
             if not container._buffers:
@@ -450,8 +457,39 @@ class PeftModel(nn.Module):
         """
         if self.fused_loss and "labels" in kwargs and hasattr(self._model, "get_output_embeddings"):
             kwargs = _bind_arguments(self._model.forward, args, kwargs)
-            return self._causal_lm_loss(self._model, kwargs, lambda given: self._forward((), given, adapter_names))
-        return self._forward(args, kwargs, adapter_names)
+            out = self._causal_lm_loss(self._model, kwargs, lambda given: self._forward((), given, adapter_names))
+        else:
+            out = self._forward(args, kwargs, adapter_names)
+        loss = getattr(out, "loss", None)
+        if isinstance(loss, torch.Tensor) and self.training:
+            extra = self.adapter_loss()
+            if extra is not None:
+                out.loss = loss + extra.to(loss.dtype)
+        return out
+
+    def adapter_loss(self) -> torch.Tensor | None:
+        """The regularisers of the adapters that train (``Method.loss_term``: AdaLoRA's), summed; None if none."""
+        total = None
+        for name in self._active:
+            config = self.peft_config[name]
+            term = get_method(config.peft_type).loss_term
+            if term is not None and not config.inference_mode:
+                value = term(self, name, config)
+                total = value if total is None else total + value
+        return total
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Run each training adapter's per-step work (``Method.step_hook``: AdaLoRA's rank allocation) for
+        ``global_step``; call it after ``loss.backward()`` and before ``optimizer.zero_grad()``, as in HF PEFT."""
+        hooks = self.__dict__.setdefault("_step_hooks", {})
+        for name in self._active:
+            config = self.peft_config[name]
+            build = get_method(config.peft_type).step_hook
+            if build is None or config.inference_mode:
+                continue
+            if name not in hooks:
+                hooks[name] = build(self, name, config)
+            hooks[name].step(global_step)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
         if adapter_names is not None:

@@ -36,6 +36,11 @@ class Method:
             :class:`~deltatune.adapter_layer.SharedBuffers` per kind, saves and loads them under
             ``base_model.<kind>``, and calls ``attach(model, adapter_name, config, shared=...)`` with
             those modules by kind.
+        loss_term: ``loss_term(peft_model, adapter_name, config)``, a regulariser added to the loss of
+            every forward with labels while the adapter trains (AdaLoRA's orthogonality term).
+        step_hook: ``step_hook(peft_model, adapter_name, config)`` builds an object whose
+            ``step(global_step)`` runs after each backward (``PeftModel.update_and_allocate``):
+            AdaLoRA's rank allocator.
     """
 
     peft_type: PeftType
@@ -44,6 +49,8 @@ class Method:
     input_adapter: Callable[[nn.Module, PeftConfig], nn.Module] | None = None
     combine: Callable[..., None] | None = None
     shared_state: Callable[[nn.Module, PeftConfig], dict[str, SharedTensor]] | None = None
+    loss_term: Callable[[Any, str, PeftConfig], torch.Tensor] | None = None
+    step_hook: Callable[[Any, str, PeftConfig], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,7 @@ class TrainingDefaults:
             ``exclude_modules``, ``layers_to_transform``, ``modules_to_save``.
         uses: the method-specific ``train`` options the method reads; given for a method that does
             not, an option is reported unused.
+        resumable: whether ``train --resume`` can continue the method's run exactly.
     """
 
     lr: float
@@ -97,6 +105,7 @@ class TrainingDefaults:
     source: str = ""
     config: Callable[[Mapping[str, Any], Mapping[str, Any]], PeftConfig] | None = None
     uses: tuple[str, ...] = ()
+    resumable: bool = True
 
     def get(self, option: str, fallback: Any = None) -> Any:
         """The method's own value, whatever the task."""

@@ -63,6 +63,7 @@ from deltatune.train import (
     evaluate,
     optimizer_state_bytes,
     peak_memory_mib,
+    planned_steps,
     resolve_precision,
 )
 
@@ -420,7 +421,9 @@ def _adapt(
     model: nn.Module, options: dict[str, Any], task: Task, spec: TaskSpec, tokenizer: Any, splits: Splits
 ) -> tuple[nn.Module, PeftConfig | None]:
     """The model to train: the base with ``--method``'s adapter, or the whole base (full fine-tuning)."""
-    config = method_config(options, spec.kind)
+    args = _train_args(options, Path(options["output"]), "fp32")
+    steps = planned_steps(len(splits.train), args, Distributed.from_env(options.get("device", "auto")).world)
+    config = method_config({**options, "steps_total": steps}, spec.kind)  # AdaLoRA's schedule spans the run
     if config is None:
         for param in model.parameters():
             param.requires_grad_(True)

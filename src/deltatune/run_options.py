@@ -90,6 +90,11 @@ def check_options(options: dict[str, Any], given: Collection[str]) -> None:
         )
     if quantize != "none" and options.get("fsdp"):
         raise ValueError(f"--quantize {quantize} is not supported with --fsdp (bitsandbytes weights cannot be sharded)")
+    if options.get("resume") and not training_defaults(options["method"]).resumable:
+        raise ValueError(
+            f"--resume cannot continue a --method {options['method']} run exactly (its training state is not in the "
+            "checkpoints); start a new run"
+        )
     if options.get("resume") and options.get("overwrite"):
         raise ValueError("--resume continues the run in --output and --overwrite replaces it: give one of them")
     builtin = options["data"] in datasets.BUILTIN_DATASETS

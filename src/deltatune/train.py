@@ -164,6 +164,12 @@ def learning_rate(step: int, total: int, args: TrainArgs) -> float:
     return args.min_lr + (args.lr - args.min_lr) * max(0.0, 1 - progress)
 
 
+def planned_steps(examples: int, args: TrainArgs, world: int = 1) -> int:
+    """Optimizer steps a run of ``examples`` takes: ``max_steps``, else the epochs (a short last batch dropped)."""
+    per_epoch = examples // (args.batch_size * args.grad_accum * world)
+    return args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
+
+
 def make_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], args: TrainArgs) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay), SGD with momentum ``betas[0]``, or Adafactor (factored second moments),
     over ``params`` (tensors, or parameter groups such as LoRA+'s)."""
@@ -252,7 +258,7 @@ class Trainer:
                 "(batch size x accumulation x processes)"
             )
         self.steps_per_epoch = len(train) // self.global_batch  # a short last batch is dropped
-        self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.steps_per_epoch))
+        self.total_steps = planned_steps(len(train), args, self.dist.world)
         every = args.eval_every or 0
         self.eval_every = max(1, round(every * self.total_steps)) if 0 < every < 1 else int(every)
         if args.gradient_checkpointing:
@@ -309,6 +315,9 @@ class Trainer:
             self.train_tokens += batch["tokens"]
             with autocast(self.device, self.args.precision):
                 loss = self.task.loss_sum(self.engine, batch) / units
+                regulariser = self.model.adapter_loss() if isinstance(self.model, PeftModel) else None
+                if regulariser is not None:  # once per step, spread over the micro-batches (AdaLoRA's)
+                    loss = loss + regulariser / len(micro_batches)
             sync = self.engine.no_sync() if hasattr(self.engine, "no_sync") and not last else contextlib.nullcontext()
             with sync:
                 # DDP averages over processes; the loss is a global sum. The scaler is a no-op but for fp16.
@@ -319,6 +328,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
         self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
         self.scaler.update()
+        if isinstance(self.model, PeftModel):
+            self.model.update_and_allocate(self.step + 1)  # needs this step's gradients (AdaLoRA's ranks)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return self.dist.all_sum(loss_total)

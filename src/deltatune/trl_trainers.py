@@ -28,7 +28,7 @@ from typing import Any
 import trl
 
 from deltatune.config import PeftConfig
-from deltatune.integrations import AdapterSaving, is_deltatune_model, recognising
+from deltatune.integrations import AdapterSaving, is_deltatune_model, recognising, with_adapter_steps
 from deltatune.peft_model import get_peft_model
 
 
@@ -59,7 +59,7 @@ def _with_deltatune_config(init: Callable[..., Any]) -> Callable[..., Any]:
 class SFTTrainer(AdapterSaving, trl.SFTTrainer):
     """``trl.SFTTrainer`` for deltatune models (see the module's docstring)."""
 
-    __init__ = recognising(_with_deltatune_config(trl.SFTTrainer.__init__))
+    __init__ = recognising(with_adapter_steps(_with_deltatune_config(trl.SFTTrainer.__init__)))
     train = recognising(trl.SFTTrainer.train)
     evaluate = recognising(trl.SFTTrainer.evaluate)
     predict = recognising(trl.SFTTrainer.predict)
@@ -68,7 +68,7 @@ class SFTTrainer(AdapterSaving, trl.SFTTrainer):
 class DPOTrainer(AdapterSaving, trl.DPOTrainer):
     """``trl.DPOTrainer`` for deltatune models: the reference is the model with its adapters disabled."""
 
-    __init__ = recognising(_with_deltatune_config(trl.DPOTrainer.__init__))
+    __init__ = recognising(with_adapter_steps(_with_deltatune_config(trl.DPOTrainer.__init__)))
     train = recognising(trl.DPOTrainer.train)
     evaluate = recognising(trl.DPOTrainer.evaluate)
     predict = recognising(trl.DPOTrainer.predict)
@@ -77,7 +77,7 @@ class DPOTrainer(AdapterSaving, trl.DPOTrainer):
 class GRPOTrainer(AdapterSaving, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` for deltatune models: the KL reference is the model with its adapters disabled."""
 
-    __init__ = recognising(_with_deltatune_config(trl.GRPOTrainer.__init__))
+    __init__ = recognising(with_adapter_steps(_with_deltatune_config(trl.GRPOTrainer.__init__)))
     train = recognising(trl.GRPOTrainer.train)
     evaluate = recognising(trl.GRPOTrainer.evaluate)
     predict = recognising(trl.GRPOTrainer.predict)

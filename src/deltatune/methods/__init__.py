@@ -1,6 +1,7 @@
 """One module per method: its config, its layer and the rule that attaches it (see ``registry``)."""
 
 from deltatune.methods import full as _full  # noqa: F401  (registers the full fine-tuning defaults)
+from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.boft import BOFTConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
@@ -14,6 +15,7 @@ from deltatune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from deltatune.methods.vera import VeraConfig
 
 __all__ = [
+    "AdaLoraConfig",
     "BOFTConfig",
     "BottleneckConfig",
     "IA3Config",
