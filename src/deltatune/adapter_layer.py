@@ -57,34 +57,6 @@ class RowRouting:
         raise ValueError(f"adapter_names has {rows} entries but a layer saw a batch of {batch} rows")
 
 
-class SharedBuffers(nn.Module):
-    """Tensors one adapter shares across all its layers, one kind per instance, by adapter name.
-
-    VeRA's frozen random projections are one pair per model, not per layer. They live once, on the
-    :class:`~deltatune.peft_model.PeftModel`'s ``base_model`` under the kind's name (``vera_A``), so
-    a checkpoint names them ``base_model.vera_A`` as HF PEFT does, and ``.to()`` moves them once.
-    Layers keep a reference to this module (not registered as their child: no second copy in the
-    state dict) and read ``shared[adapter_name]`` in their forward, so they see moved tensors.
-    """
-
-    def add(self, adapter_name: str, tensor: torch.Tensor, saved: bool) -> None:
-        """``saved=False``: rebuilt from the config on load rather than written (non-persistent)."""
-        self.register_buffer(adapter_name, tensor, persistent=saved)
-
-    def __getitem__(self, adapter_name: str) -> torch.Tensor:
-        return self._buffers[adapter_name]
-
-    def __contains__(self, adapter_name: str) -> bool:
-        return adapter_name in self._buffers
-
-    def remove(self, adapter_name: str) -> None:
-        self._buffers.pop(adapter_name, None)
-        self._non_persistent_buffers_set.discard(adapter_name)
-
-    def saved(self, adapter_name: str) -> bool:
-        return adapter_name in self._buffers and adapter_name not in self._non_persistent_buffers_set
-
-
 class AdapterLayer(nn.Module):
     """Base class of method wrappers. Subclasses list their per-adapter containers in ``containers``
     (modules and parameters by adapter name) and any plain per-adapter values in ``per_adapter``

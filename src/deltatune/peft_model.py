@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune import base_layers, checkpoint, engine
-from deltatune.adapter_layer import AdapterLayer, RowRouting, SharedBuffers
+from deltatune import base_layers, checkpoint, engine, shared_state
+from deltatune.adapter_layer import AdapterLayer, RowRouting
 from deltatune.config import CONFIG_NAME, TASK_HEADS, ConfigError, PeftConfig
 from deltatune.losses import CausalLMLoss
 from deltatune.methods.lora_export import LoraExport, save_as_lora
@@ -37,8 +37,6 @@ logger = logging.getLogger("deltatune")
 BASE_ROW = "__base__"
 # HF PEFT's checkpoint keys for modules trained next to a prompt-learning adapter start one level up.
 PROMPT_LEARNING_PREFIX = "base_model."
-# Model-level tensors a method shares across layers (VeRA's projections): base_model.<kind>.
-SHARED_PREFIX = "base_model."
 
 
 class Stack(tuple):
@@ -213,7 +211,8 @@ class PeftModel(nn.Module):
             if method.input_adapter is not None:
                 self.prompt_encoder[adapter_name] = method.input_adapter(model, config)
             elif method.shared_state is not None:
-                method.attach(model, adapter_name, config, shared=self._add_shared(adapter_name, method, config))
+                shared = shared_state.add(self.base_model, model, adapter_name, method, config)
+                method.attach(model, adapter_name, config, shared=shared)
             else:
                 method.attach(model, adapter_name, config)
             self._attach_modules_to_save(adapter_name, config.modules_to_save)
@@ -258,26 +257,9 @@ class PeftModel(nn.Module):
                 model, [path], ModulesToSaveWrapper, lambda layer, p: layer.add_adapter(adapter_name, None, p)
             )
 
-    def _add_shared(self, adapter_name: str, method: Any, config: PeftConfig) -> dict[str, SharedBuffers]:
-        """Adapter ``adapter_name``'s model-level tensors (``Method.shared_state``), one container per kind."""
-        host = self.base_model
-        containers: dict[str, SharedBuffers] = {}
-        for kind, shared in method.shared_state(self._model, config).items():
-            if kind not in host._modules:
-                host.add_module(kind, SharedBuffers())
-            host._modules[kind].add(adapter_name, shared.tensor, shared.saved)
-            containers[kind] = host._modules[kind]
-        return containers
-
-    def _shared_containers(self) -> dict[str, SharedBuffers]:
-        return {k: m for k, m in self.base_model._modules.items() if isinstance(m, SharedBuffers)}
-
     def _detach(self, adapter_name: str) -> None:
         self.__dict__.get("_step_hooks", {}).pop(adapter_name, None)
-        for kind, container in self._shared_containers().items():
-            container.remove(adapter_name)
-            if not container._buffers:
-                delattr(self.base_model, kind)
+        shared_state.remove(self.base_model, adapter_name)
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
         for _, layer in engine.adapter_layers(self._model):
@@ -595,31 +577,11 @@ class PeftModel(nn.Module):
             state = checkpoint.adapter_state_dict(self._model, name, trained_base, prefix)
             if name in self.prompt_encoder:
                 state.update(self.prompt_encoder[name].adapter_state_dict())
-            for kind, container in self._shared_containers().items():
-                if container.saved(name):  # PEFT's key: base_model.<kind>, the adapter name left out
-                    state[f"{SHARED_PREFIX}{kind}"] = container[name].detach()
+            state.update(shared_state.state_dict(self.base_model, name))
             if not is_main_process:  # it still took part in gathering sharded tensors above
                 continue
             checkpoint.save_tensors(state, target / checkpoint.WEIGHTS_NAME)
             config.save_pretrained(target)
-
-    def _load_shared(
-        self, state: dict[str, torch.Tensor], adapter_name: str, directory: Path
-    ) -> dict[str, torch.Tensor]:
-        """Copy the checkpoint's ``base_model.<kind>`` tensors into this adapter's shared ones; return the rest."""
-        rest = dict(state)
-        for kind, container in self._shared_containers().items():
-            key = f"{SHARED_PREFIX}{kind}"
-            if adapter_name not in container:
-                continue
-            if key in rest:
-                _copy_checked(container[adapter_name], rest.pop(key), key, directory)
-            elif container.saved(adapter_name):
-                raise checkpoint.CheckpointError(
-                    f"{directory}: the adapter config says its {kind} tensor is saved, and the checkpoint has no "
-                    f"{key}; the file is incomplete (or save it again with the setting that rebuilds it)"
-                )
-        return rest
 
     def save_as_lora(self, save_directory: str | os.PathLike, rank: int, adapter_name: str = "default") -> LoraExport:
         """Write a weight-delta adapter (any method) as a rank-``rank`` LoRA adapter, for servers that
@@ -684,7 +646,7 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, directory: Path, adapter_name: str, allow_pickle: bool) -> None:
         state = checkpoint.load_tensors(directory, allow_pickle=allow_pickle)
-        state = self._load_shared(state, adapter_name, directory)
+        state = shared_state.load(self.base_model, state, adapter_name, directory)
         if adapter_name in self.prompt_encoder:
             own = {k: v for k, v in state.items() if not k.startswith(PROMPT_LEARNING_PREFIX)}
             try:
@@ -698,16 +660,6 @@ class PeftModel(nn.Module):
             }
         checkpoint.load_adapter_state_dict(self._model, adapter_name, state, source=str(directory))
         self._sync_layers()
-
-
-def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, key: str, source: Path) -> None:
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise checkpoint.CheckpointError(
-            f"{source}: shape mismatch for {key}: checkpoint has {tuple(tensor.shape)}, the model needs "
-            f"{tuple(target.shape)}; the adapter was saved for a different base model or rank"
-        )
-    with torch.no_grad():
-        target.copy_(tensor.to(dtype=target.dtype, device=target.device))
 
 
 def get_peft_model(

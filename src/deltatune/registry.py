@@ -33,7 +33,7 @@ class Method:
             combination of existing adapters (``PeftModel.add_weighted_adapter``), where defined.
         shared_state: for methods with tensors shared by all their layers (VeRA's projections),
             ``shared_state(model, config) -> {kind: SharedTensor}``. The PeftModel keeps them in one
-            :class:`~deltatune.adapter_layer.SharedBuffers` per kind, saves and loads them under
+            :class:`~deltatune.shared_state.SharedBuffers` per kind, saves and loads them under
             ``base_model.<kind>``, and calls ``attach(model, adapter_name, config, shared=...)`` with
             those modules by kind.
         loss_term: ``loss_term(peft_model, adapter_name, config)``, a regulariser added to the loss of

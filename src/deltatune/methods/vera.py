@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune import base_layers, engine
-from deltatune.adapter_layer import SharedBuffers
 from deltatune.config import ConfigError, PeftConfig, PeftType
 from deltatune.delta_layer import DeltaLayer
 from deltatune.methods import lora
 from deltatune.modules_to_save import trained_biases
 from deltatune.registry import Method, SharedTensor, TrainingDefaults, register_method, register_training_defaults
+from deltatune.shared_state import SharedBuffers
 
 logger = logging.getLogger("deltatune")
 
