@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from deltatune.parallel import distributed_wrapper
 from deltatune.peft_model import PeftModel, get_peft_model
 from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
 from deltatune.reporting import Reporters
+from deltatune.run_config import RunConfig
 from deltatune.run_data import choose_task, hold_out, limit, load_split, packed, required_columns
 from deltatune.run_folder import (
     ADAPTER_DIR,
@@ -146,14 +147,14 @@ def task_spec(kind: str, records: list[dict[str, Any]], options: dict[str, Any],
     return spec
 
 
-def start_virtual_tokens(model: PeftModel, options: dict[str, Any], tokenizer: Any, words: str) -> None:
+def start_virtual_tokens(model: PeftModel, config: RunConfig, tokenizer: Any, words: str) -> None:
     """``--virtual-init``: task (the task's words, or --prompt-init-text), vocab (sampled vocabulary
     tokens), random (the method's own random start: prompt tuning's table, P-tuning's encoder)."""
-    init = "task" if options.get("prompt_init_text") else options.get("virtual_init")
+    init = "task" if config.prompt_init_text else config.virtual_init
     if init == "task":
-        ids = tokenizer(options.get("prompt_init_text") or words, add_special_tokens=False)["input_ids"]
-    elif init == "vocab" and options["method"] != "prompt":  # prompt tuning samples in its config
-        ids = torch.randint(0, len(tokenizer), (options["virtual_tokens"],)).tolist()
+        ids = tokenizer(config.prompt_init_text or words, add_special_tokens=False)["input_ids"]
+    elif init == "vocab" and config.method != "prompt":  # prompt tuning samples in its config
+        ids = torch.randint(0, len(tokenizer), (config.virtual_tokens,)).tolist()
     else:
         return
     try:
@@ -207,18 +208,21 @@ def load_for_task(
 
 
 # -- training ------------------------------------------------------------------------------------
-def run_training(options: dict[str, Any], given: Collection[str] = ()) -> dict[str, Any]:
-    """The main job (see the module docstring); ``given`` names the options the user set."""
-    output = Path(options["output"])
-    raw, task_kind = training_data_and_task(options)
-    options = with_method_defaults(options, given, task_kind)
-    dist_env = Distributed.from_env(options.get("device", "auto"))
-    check_options(options, given)  # every process checks, so that each fails alike
-    created = check_output(output, resume=options["resume"], overwrite=bool(options.get("overwrite")))
-    if options["resume"]:
-        check_resume(output, options)
+def run_training(options: Mapping[str, Any] | RunConfig, given: Collection[str] = ()) -> dict[str, Any]:
+    """The main job (see the module docstring): ``options`` by name (checked and typed here, once, into a
+    :class:`~deltatune.run_config.RunConfig`), ``given`` the names of those the user set."""
+    config = options if isinstance(options, RunConfig) else RunConfig.from_options(options, given)
+    given = config.given
+    output = Path(config.output)
+    raw, task_kind = training_data_and_task(config)
+    config = with_method_defaults(config, given, task_kind)
+    dist_env = Distributed.from_env(config.device)
+    check_options(config, given)  # every process checks, so that each fails alike
+    created = check_output(output, resume=config.resume, overwrite=bool(config.overwrite))
+    if config.resume:
+        check_resume(output, config)
     try:
-        return _train(options, output, dist_env, given, (raw, task_kind))
+        return _train(config, output, dist_env, given, (raw, task_kind))
     except BaseException as err:
         if dist_env.main:
             remove_failed_output(output, created)
@@ -246,7 +250,7 @@ class Splits:
 
 
 def _train(
-    options: dict[str, Any],
+    config: RunConfig,
     output: Path,
     dist_env: Distributed,
     given: Collection[str],
@@ -255,38 +259,38 @@ def _train(
     """The stages of a run: check the task's options, load the model, encode the data, adapt the model,
     record the run, train and evaluate, export and summarise."""
     started = time.perf_counter()
-    recorded = recorded_options(options)  # as given: --resume compares a command with this
-    torch.manual_seed(options["seed"])
+    recorded = recorded_options(config)  # as given: --resume compares a command with this
+    torch.manual_seed(config.seed)
     say = printer(dist_env.main)
     raw, task_kind = data_and_task
-    options = _check_task_options(options, given, task_kind, raw)
-    columns = required_columns(task_kind, options, raw[0])
-    train_records, train_name = load_split(options, "train", None, columns)
-    train_records = limit(train_records, options["max_train"])
-    spec = task_spec(task_kind, train_records, options, model_record(options["model"]))
-    model, tokenizer, device, precision = _load_model(options, task_kind, spec, dist_env, say)
-    task = make_task(spec, tokenizer, options["on_long"])
+    config = _check_task_options(config, given, task_kind, raw)
+    columns = required_columns(task_kind, config, raw[0])
+    train_records, train_name = load_split(config, "train", None, columns)
+    train_records = limit(train_records, config.max_train)
+    spec = task_spec(task_kind, train_records, config, model_record(config.model))
+    model, tokenizer, device, precision = _load_model(config, task_kind, spec, dist_env, say)
+    task = make_task(spec, tokenizer, config.on_long)
     if task_kind == "label-generation":  # what the task resolved (default prompt, label words) is what is saved
         spec.label_words, spec.instruction = list(task.words), task.instruction
-    splits = _encode_splits(options, task, train_records, train_name, columns, say)
-    trained, config = _adapt(model, options, task, spec, tokenizer, splits)
+    splits = _encode_splits(config, task, train_records, train_name, columns, say)
+    trained, adapter_config = _adapt(model, config, task, spec, tokenizer, splits)
     trainable, total = _count(trained)
     say(
-        f"{options['method']}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
+        f"{config.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
         f"{device.type}, {precision}"
     )
     summary: dict[str, Any] = {
         "status": "running",
         "options": recorded,
         "task_spec": spec.to_dict(),
-        "model": options["model"],
-        "method": options["method"],
+        "model": config.model,
+        "method": config.method,
         "task": task_kind,
-        "data": options["data"],
+        "data": config.data,
         "validation_data": splits.validation_source,
     }
     if dist_env.main:  # everything is checked and loaded: only now is an earlier run replaced
-        if options.get("overwrite") and output.is_dir():
+        if config.overwrite and output.is_dir():
             clear_run(output)
         output.mkdir(parents=True, exist_ok=True)
         write_summary(output, summary)
@@ -295,13 +299,13 @@ def _train(
     def export(model: nn.Module, folder: Path, main: bool) -> None:
         export_trained(model, folder, main, tokenizer, spec)
 
-    general = _general_examples(tokenizer, model_family(options["model"])) if options["forgetting"] else None
+    general = _general_examples(tokenizer, model_family(config.model)) if config.forgetting else None
     forgetting_before = _general_loss(trained, general, dist_env, precision, base=True) if general else None
-    fitted = _fit(trained, task, splits, _train_args(options, output, precision), options, recorded, dist_env, export)
+    fitted = _fit(trained, task, splits, _train_args(config, output, precision), config, recorded, dist_env, export)
     forgetting_after = _general_loss(trained, general, dist_env, precision, base=False) if general else None
-    final = output / (MODEL_DIR if config is None else ADAPTER_DIR)
+    final = output / (MODEL_DIR if adapter_config is None else ADAPTER_DIR)
     export(trained, final, dist_env.main)  # every process: sharded tensors are gathered
-    quantize = options.get("quantize") or "none"
+    quantize = config.quantize
     result, trainer = fitted["result"], fitted["trainer"]
     summary.update(
         {
@@ -324,8 +328,8 @@ def _train(
             "full_model_bytes": sum(unquantized_bytes(p) for p in _base_parameters(trained)),
             "quantization": quantize,
             "base_model_bytes": sum(p.numel() * p.element_size() for p in _base_parameters(trained)),
-            "optimizer": options.get("optim", "adamw"),
-            "loraplus_ratio": options.get("loraplus_ratio"),
+            "optimizer": config.optim,
+            "loraplus_ratio": config.loraplus_ratio,
             "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
             "main_metric": task.main_metric,
             "test_before": fitted["before"],
@@ -349,35 +353,35 @@ def _train(
 
 
 def _check_task_options(
-    options: dict[str, Any], given: Collection[str], task_kind: str, raw: list[dict[str, Any]]
+    config: RunConfig, given: Collection[str], task_kind: str, raw: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Options that depend on the task the data chose: refused, reported unused, or adjusted."""
-    check_max_length(options["model"], options["max_length"])
+    check_max_length(config.model, config.max_length)
     for key in LABEL_GENERATION_OPTIONS:
         if key in given and task_kind != "label-generation":
             logger.warning(
                 "--%s applies to label generation, not the %s task; ignored", key.replace("_", "-"), task_kind
             )
-    metric = options.get("metric_for_best")
+    metric = config.metric_for_best
     if metric and metric not in TASK_METRICS[task_kind]:
         raise ValueError(
             f"--metric-for-best {metric}: the {task_kind} task reports {', '.join(TASK_METRICS[task_kind])}"
         )
-    if task_kind == "causal-lm" and options["prompt_column"] not in raw[0]:
-        options = {**options, "prompt_column": None}
-    return options
+    if task_kind == "causal-lm" and config.prompt_column not in raw[0]:
+        config = config.replace(prompt_column=None)
+    return config
 
 
 def _load_model(
-    options: dict[str, Any], task_kind: str, spec: TaskSpec, dist_env: Distributed, say: Any
+    config: RunConfig, task_kind: str, spec: TaskSpec, dist_env: Distributed, say: Any
 ) -> tuple[nn.Module, Any, torch.device, str]:
     """The base model and tokenizer on the run's device, and the precision the run trains in."""
-    quantize = options.get("quantize") or "none"
-    say(f"loading {options['model']} for {task_kind}{'' if quantize == 'none' else f' ({quantize})'} ...")
-    device = _device(options.get("device", "auto"), dist_env)
-    model, tokenizer = load_for_task(options["model"], task_kind, spec.num_labels or 2, quantize, device)
-    precision = resolve_precision(options.get("precision", "auto"), device)
-    if precision == "fp16" and options["fsdp"] and dist_env.world > 1:
+    quantize = config.quantize
+    say(f"loading {config['model']} for {task_kind}{'' if quantize == 'none' else f' ({quantize})'} ...")
+    device = _device(config.device, dist_env)
+    model, tokenizer = load_for_task(config.model, task_kind, spec.num_labels or 2, quantize, device)
+    precision = resolve_precision(config.precision, device)
+    if precision == "fp16" and config.fsdp and dist_env.world > 1:
         raise ValueError("--precision fp16 (loss scaling) is not supported with --fsdp; use bf16 or fp32")
     if quantize == "none":
         model.to(device)  # a quantized model was loaded onto its device
@@ -385,7 +389,7 @@ def _load_model(
 
 
 def _encode_splits(
-    options: dict[str, Any],
+    config: RunConfig,
     task: Task,
     train_records: list[dict[str, Any]],
     train_name: str,
@@ -393,20 +397,20 @@ def _encode_splits(
     say: Any,
 ) -> Splits:
     """Training, validation (given, or held out of the training rows) and test examples, encoded."""
-    eval_records, eval_name = load_split(options, "validation", "eval_data", columns)
+    eval_records, eval_name = load_split(config, "validation", "eval_data", columns)
     validation_source: dict[str, Any] = {"source": eval_name} if eval_records else {"source": None}
-    if not eval_records and options.get("val_split", 0.1) > 0:
+    if not eval_records and config.val_split > 0:
         train_records, eval_records, validation_source = hold_out(
-            train_records, options.get("val_split", 0.1), options["seed"], train_name
+            train_records, config.val_split, config.seed, train_name
         )
         eval_name = f"{train_name} (held-out validation)"
     train_examples = task.encode(train_records, source=train_name)
-    if options.get("packing"):
-        train_examples = packed(task, train_examples, options, say)
-    test_records, test_name = load_split(options, "test", "test_data", columns)
-    eval_records = limit(eval_records, options["max_eval"])
-    test_records = limit(test_records, options["max_test"])
-    if not options.get("test_eval", True):
+    if config.packing:
+        train_examples = packed(task, train_examples, config, say)
+    test_records, test_name = load_split(config, "test", "test_data", columns)
+    eval_records = limit(eval_records, config.max_eval)
+    test_records = limit(test_records, config.max_test)
+    if not config.test_eval:
         test_records = []
     return Splits(
         train_records=train_records,
@@ -418,54 +422,54 @@ def _encode_splits(
 
 
 def _adapt(
-    model: nn.Module, options: dict[str, Any], task: Task, spec: TaskSpec, tokenizer: Any, splits: Splits
+    model: nn.Module, config: RunConfig, task: Task, spec: TaskSpec, tokenizer: Any, splits: Splits
 ) -> tuple[nn.Module, PeftConfig | None]:
     """The model to train: the base with ``--method``'s adapter, or the whole base (full fine-tuning)."""
-    args = _train_args(options, Path(options["output"]), "fp32")
-    steps = planned_steps(len(splits.train), args, Distributed.from_env(options.get("device", "auto")).world)
-    config = method_config({**options, "steps_total": steps}, spec.kind)  # AdaLoRA's schedule spans the run
-    if config is None:
+    args = _train_args(config, Path(config.output), "fp32")
+    steps = planned_steps(len(splits.train), args, Distributed.from_env(config.device).world)
+    adapter = method_config(config.replace(total_steps=steps), spec.kind)  # AdaLoRA's schedule spans the run
+    if adapter is None:
         for param in model.parameters():
             param.requires_grad_(True)
         trained: nn.Module = model
     else:
-        check_targets(model, options)
-        config.base_model_name_or_path = spec.base_model
-        trained = get_peft_model(model, config)
-        if config.is_prompt_learning:
-            start_virtual_tokens(trained, options, tokenizer, task_words(spec, splits.train_records))
-    if options.get("packing"):
+        check_targets(model, config)
+        adapter.base_model_name_or_path = spec.base_model
+        trained = get_peft_model(model, adapter)
+        if adapter.is_prompt_learning:
+            start_virtual_tokens(trained, config, tokenizer, task_words(spec, splits.train_records))
+    if config.packing:
         check_packed_loss(task, trained, max(splits.train, key=lambda row: row.packed))
-    return trained, config
+    return trained, adapter
 
 
-def _train_args(options: dict[str, Any], output: Path, precision: str) -> TrainArgs:
+def _train_args(config: RunConfig, output: Path, precision: str) -> TrainArgs:
     return TrainArgs(
         output=output,
-        lr=options["lr"],
-        epochs=options["epochs"],
-        max_steps=options["max_steps"] or None,
-        batch_size=options["batch_size"],
-        grad_accum=options["grad_accum"],
-        warmup=options["warmup"],
-        schedule=options["schedule"],
-        weight_decay=options["weight_decay"],
-        clip=options["clip"] or None,
-        seed=options["seed"],
-        eval_every=options["eval_every"] or None,
-        save_every=options["save_every"] or None,
-        eval_batch_size=options["eval_batch_size"],
-        resume=options["resume"],
-        gradient_checkpointing=options["gradient_checkpointing"],
-        compile=options.get("compile_blocks", False),
+        lr=config.lr,
+        epochs=config.epochs,
+        max_steps=config.max_steps or None,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        warmup=config.warmup,
+        schedule=config.schedule,
+        weight_decay=config.weight_decay,
+        clip=config.clip or None,
+        seed=config.seed,
+        eval_every=config.eval_every or None,
+        save_every=config.save_every or None,
+        eval_batch_size=config.eval_batch_size,
+        resume=config.resume,
+        gradient_checkpointing=config.gradient_checkpointing,
+        compile=config.compile_blocks,
         precision=precision,
-        optim=options.get("optim", "adamw"),
-        betas=tuple(options.get("betas") or (0.9, 0.999)),
-        min_lr=options.get("min_lr", 0.0),
-        save_total_limit=options.get("save_total_limit", 1),
-        metric_for_best=options.get("metric_for_best"),
-        early_stopping_patience=options.get("early_stopping_patience", 0),
-        loraplus_ratio=options.get("loraplus_ratio"),
+        optim=config.optim,
+        betas=config.betas,
+        min_lr=config.min_lr,
+        save_total_limit=config.save_total_limit,
+        metric_for_best=config.metric_for_best,
+        early_stopping_patience=config.early_stopping_patience,
+        loraplus_ratio=config.loraplus_ratio,
     )
 
 
@@ -474,7 +478,7 @@ def _fit(
     task: Task,
     splits: Splits,
     args: TrainArgs,
-    options: dict[str, Any],
+    config: RunConfig,
     recorded: dict[str, Any],
     dist_env: Distributed,
     export: Any,
@@ -484,11 +488,11 @@ def _fit(
     base_only = trained if not isinstance(trained, PeftModel) else _base_view(trained)
     batch, precision, output = args.eval_batch_size, args.precision, args.output
     before = None
-    if splits.test and not options["resume"]:
+    if splits.test and not config.resume:
         before = evaluate(base_only, task, splits.test, batch, dist_env, precision)
         say(f"before training, test: {short_metrics(before)}")
     progress = ProgressReporter(dist_env.main)
-    reporters = Reporters(options.get("report_to") or (), output, recorded, options["resume"], dist_env.main)
+    reporters = Reporters(config.report_to, output, recorded, config.resume, dist_env.main)
 
     def on_record(record: dict[str, Any], total: int) -> None:
         progress.update(record, total)
@@ -502,7 +506,7 @@ def _fit(
         evaluation=splits.validation,
         distributed=dist_env,
         progress=on_record,
-        wrap=distributed_wrapper(options["fsdp"], dist_env),
+        wrap=distributed_wrapper(config.fsdp, dist_env),
         export=export,
     )
     if before:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import nn
 from deltatune import data as datasets
 from deltatune.config import PeftConfig
 from deltatune.registry import method_options, training_defaults
+from deltatune.run_config import RunConfig
 
 logger = logging.getLogger("deltatune")
 
@@ -55,18 +56,21 @@ VALIDATION_OPTIONS = ("eval_every", "max_eval", "metric_for_best", "early_stoppi
 
 # -- defaults and checks -------------------------------------------------------------------------
 def with_method_defaults(
-    options: dict[str, Any], given: Collection[str], task_kind: str | None = None
-) -> dict[str, Any]:
-    """``options`` with each defaulted option the user did not give set to its default for this method
+    config: RunConfig | Mapping[str, Any], given: Collection[str], task_kind: str | None = None
+) -> RunConfig:
+    """``config`` with each defaulted option the user did not give set to its default for this method
     and task: the method's value for the task, else the task's (``task_training_defaults``), else the
     method's own, else the run's (``METHOD_FALLBACKS``, or the command line's default)."""
     from deltatune.tasks import task_training_defaults
 
-    defaults = training_defaults(options["method"])
+    if not isinstance(config, RunConfig):
+        config = RunConfig.from_options(config, given)
+
+    defaults = training_defaults(config.method)
     for_task = task_training_defaults(task_kind) if task_kind else {}
-    resolved = dict(options)
+    resolved: dict[str, Any] = {}
     for key in METHOD_DEFAULTED + TASK_DEFAULTED:
-        if key in given and resolved.get(key) is not None:
+        if key in given and getattr(config, key) is not None:
             continue
         method_sets, value = defaults.for_task(task_kind, key) if task_kind else (False, None)
         if method_sets:
@@ -75,58 +79,58 @@ def with_method_defaults(
             resolved[key] = for_task[key]
         elif key in METHOD_DEFAULTED:
             resolved[key] = defaults.get(key, METHOD_FALLBACKS[key])
-    return resolved
+    return config.replace(**resolved)
 
 
 # -- checks before anything is loaded -----------------------------------------------------------
-def check_options(options: dict[str, Any], given: Collection[str]) -> None:
+def check_options(config: RunConfig, given: Collection[str]) -> None:
     """Options that cannot apply: errors where the run would differ from what the user asked (validation
     options without validation data), warnings where they are merely unused (another method's option)."""
-    quantize = options.get("quantize") or "none"
-    if quantize != "none" and options["method"] == "full":
+    quantize = config.quantize
+    if quantize != "none" and config.method == "full":
         raise ValueError(
             f"--quantize {quantize} freezes the base in {quantize}, and --method full trains every weight: "
             "use a PEFT method (QLoRA: --method lora) or --quantize none"
         )
-    if quantize != "none" and options.get("fsdp"):
+    if quantize != "none" and config.fsdp:
         raise ValueError(f"--quantize {quantize} is not supported with --fsdp (bitsandbytes weights cannot be sharded)")
-    if options.get("resume") and not training_defaults(options["method"]).resumable:
+    if config.resume and not training_defaults(config.method).resumable:
         raise ValueError(
-            f"--resume cannot continue a --method {options['method']} run exactly (its training state is not in the "
+            f"--resume cannot continue a --method {config.method} run exactly (its training state is not in the "
             "checkpoints); start a new run"
         )
-    if options.get("resume") and options.get("overwrite"):
+    if config.resume and config.overwrite:
         raise ValueError("--resume continues the run in --output and --overwrite replaces it: give one of them")
-    builtin = options["data"] in datasets.BUILTIN_DATASETS
+    builtin = config.data in datasets.BUILTIN_DATASETS
     has_validation = (
-        bool(options.get("eval_data"))
-        or (builtin and "validation" in datasets.BUILTIN_DATASETS[options["data"]].splits)
-        or options.get("val_split", 0.1) > 0  # a share of the training file is held out
-        or "validation" in (datasets.dataset_dict_splits(options["data"]) if Path(options["data"]).is_dir() else [])
+        bool(config.eval_data)
+        or (builtin and "validation" in datasets.BUILTIN_DATASETS[config.data].splits)
+        or config.val_split > 0  # a share of the training file is held out
+        or "validation" in (datasets.dataset_dict_splits(config.data) if Path(config.data).is_dir() else [])
     )
     if not has_validation:
         for key in VALIDATION_OPTIONS:
             if key in given:
                 raise ValueError(
-                    f"--{key.replace('_', '-')} needs validation data, and {options['data']} has no validation "
+                    f"--{key.replace('_', '-')} needs validation data, and {config.data} has no validation "
                     "split: pass --eval-data FILE, or hold out a share of the training rows with --val-split"
                 )
-    if options.get("report_to"):
+    if config.report_to:
         from deltatune.reporting import check_reporters
 
-        check_reporters(options["report_to"])
-    every = options.get("eval_every") or 0
+        check_reporters(config.report_to)
+    every = config.eval_every or 0
     if every >= 1 and every != int(every):
         raise ValueError(f"--eval-every {every}: give a number of steps, or a fraction of the steps below 1")
-    if options.get("early_stopping_patience") and not options.get("eval_every"):
+    if config.early_stopping_patience and not config.eval_every:
         raise ValueError("--early-stopping-patience needs --eval-every N (evaluations during training to compare)")
     for key, methods in method_options().items():
-        if key in given and options["method"] not in methods:
+        if key in given and config.method not in methods:
             logger.warning(
                 "--%s applies to --method %s, not %s; ignored",
                 key.replace("_", "-"),
                 "/".join(methods),
-                options["method"],
+                config.method,
             )
 
 
@@ -150,39 +154,39 @@ def parse_layers(text: str | None) -> list[int] | None:
     return sorted(set(layers))
 
 
-def method_config(options: dict[str, Any], task_kind: str) -> PeftConfig | None:
+def method_config(config: RunConfig, task_kind: str) -> PeftConfig | None:
     """The adapter config for ``--method`` (None for full fine-tuning): the method's own builder
     (``TrainingDefaults.config``, in its module) from the options and the generic ones parsed here."""
-    build = training_defaults(options["method"]).config
+    build = training_defaults(config.method).config
     if build is None:
         return None
-    targets = options["targets"]
+    targets = config.targets
     common = {
         "task_type": {"seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(task_kind, "CAUSAL_LM"),
         "target_modules": targets if targets in (None, "all-linear") else _names(targets),
-        "exclude_modules": _names(options.get("exclude_modules")),
-        "layers_to_transform": parse_layers(options.get("layers_to_transform")),
-        "modules_to_save": _names(options.get("modules_to_save")),
+        "exclude_modules": _names(config.exclude_modules),
+        "layers_to_transform": parse_layers(config.layers_to_transform),
+        "modules_to_save": _names(config.modules_to_save),
     }
-    return build(options, common)
+    return build(config, common)
 
 
-def check_targets(model: nn.Module, options: dict[str, Any]) -> None:
+def check_targets(model: nn.Module, config: RunConfig) -> None:
     """Each ``--targets`` / ``--exclude-modules`` / ``--modules-to-save`` entry must name a module."""
     names = [name for name, _ in model.named_modules() if name]
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
     flags = {"targets": "--targets", "exclude_modules": "--exclude-modules", "modules_to_save": "--modules-to-save"}
     for key, flag in flags.items():
-        if options["method"] not in method_options().get(key, ()):
+        if config.method not in method_options().get(key, ()):
             continue
-        value = options.get(key)
+        value = getattr(config, key)
         if not value or value == "all-linear":
             continue
         for entry in _names(value) or []:
             if not any(name == entry or name.endswith("." + entry) for name in names):
                 close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.4)
                 raise ValueError(
-                    f"{flag}: {entry!r} matches no module of {options['model']}"
+                    f"{flag}: {entry!r} matches no module of {config.model}"
                     + (f"; closest names: {', '.join(close)}" if close else "")
                     + f"; module names: {', '.join(leaves[:30])}"
                 )

@@ -349,7 +349,7 @@ ADALORA = register_method(
 def config_from_options(options: Mapping[str, Any], common: Mapping[str, Any]) -> AdaLoraConfig:
     """``train --method adalora``: ``--r`` is the final average rank, 1.5 times that at the start (the paper's
     ratio), the schedule over the run's steps with a tenth of them at each end unpruned and frozen."""
-    steps = int(options["steps_total"])
+    steps = int(options["total_steps"])
     target = int(options["r"])
     return AdaLoraConfig(
         target_r=target,
