@@ -62,7 +62,7 @@ def test_the_rank_allocator_prunes_as_peft_s_step_for_step():
 def test_the_budget_follows_the_cubic_schedule():
     config = dt.AdaLoraConfig(**SCHEDULE, target_modules=["q_proj"])
     model = dt.get_peft_model(tiny_model("llama"), config)
-    allocator = RankAllocator(model, "default", model.peft_config["default"])
+    allocator = RankAllocator(model.get_base_model(), "default", model.peft_config["default"])
     allocator.initial_budget, allocator.target_budget = 36, 18
     schedule = [allocator.budget(t) for t in range(11)]
     expected = [36, 36, 36, 27, 21, 19, 18, 18, 18, 18, 18]
@@ -150,3 +150,41 @@ def test_transformers_trainer_runs_the_allocation(tmp_path):
 def test_bad_configs_name_the_field(fields, message):
     with pytest.raises(dt.ConfigError, match=message):
         dt.AdaLoraConfig(**fields)
+
+
+def test_loading_into_a_pruned_adapter_restores_its_kept_triplets(tmp_path):
+    torch.manual_seed(0)
+    model = dt.get_peft_model(tiny_model("llama"), dt.AdaLoraConfig(**SCHEDULE, target_modules=["q_proj", "v_proj"]))
+    _train_with_allocation(model, 10)
+    model.eval()
+    expected = _logits(model)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(1.0)
+    model.load_adapter(tmp_path, "default")  # transformers.Trainer resumes and loads the best model this way
+    torch.testing.assert_close(_logits(model), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_step_with_non_finite_gradients_leaves_the_allocation_alone():
+    torch.manual_seed(0)
+    model = dt.get_peft_model(tiny_model("llama"), dt.AdaLoraConfig(**SCHEDULE, target_modules=["q_proj"]))
+    history = _train_with_allocation(model, 5)
+    batch = {**tiny_inputs("llama"), "labels": tiny_inputs("llama")["input_ids"]}
+    model(**batch).loss.backward()
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.fill_(float("inf"))  # what an fp16 step the loss scaler skips leaves
+    model.update_and_allocate(6)
+    assert model.peft_config["default"].rank_pattern == history[-1][2]
+    allocator = model.base_model.__dict__["_step_hooks"]["default"]
+    assert all(torch.isfinite(t).all() for t in allocator.smoothed.values())
+
+
+def test_adalora_cannot_train_sharded():
+    from deltatune.run_config import RunConfig
+    from deltatune.run_options import check_options
+
+    with pytest.raises(ValueError, match="--fsdp shards the parameters"):
+        check_options(RunConfig(method="adalora", fsdp=True), ())

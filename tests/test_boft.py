@@ -128,3 +128,20 @@ def test_layers_the_butterfly_cannot_fit_are_named(fields, message):
 def test_bad_configs_name_the_field(fields, message):
     with pytest.raises(dt.ConfigError, match=message):
         dt.BOFTConfig(**fields)
+
+
+def test_a_boft_model_moves_and_casts_with_its_permutations():
+    config = dt.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3, target_modules=["q_proj"], init_weights=False)
+    model = dt.get_peft_model(tiny_model("llama"), config).eval()
+    expected = _logits(model).double()
+    moved = model.to("cpu").double()
+    torch.testing.assert_close(_logits(moved), expected, atol=1e-5, rtol=1e-5)
+    assert all(b.dtype == torch.int64 for n, b in moved.named_buffers() if "boft_P" in n)
+    assert not any("boft_P" in k for k in dt.checkpoint.adapter_state_dict(moved.get_base_model(), "default"))
+
+
+def test_a_peft_cpu_checkpoint_with_one_factor_says_so(tmp_path):
+    config = {"boft_block_size": 4, "boft_n_butterfly_factor": 2, "target_modules": ["q_proj"]}
+    peft.get_peft_model(tiny_model("llama"), peft.BOFTConfig(**config)).save_pretrained(tmp_path)
+    with pytest.raises(dt.CheckpointError, match="one butterfly factor"):
+        dt.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)

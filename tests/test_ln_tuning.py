@@ -88,3 +88,12 @@ def test_copies_keep_a_half_precision_bases_dtype():
     model = dt.get_peft_model(tiny_model("llama").to(torch.bfloat16), dt.LNTuningConfig())
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
     model(**tiny_inputs("llama")).logits.float().sum().backward()
+
+
+def test_switching_adapters_while_merged_keeps_the_copy_trainable():
+    model = dt.get_peft_model(tiny_model("llama"), dt.LNTuningConfig())
+    model.merge_adapter()
+    model.set_adapter("default")
+    model.unmerge_adapter()
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained and all("ln_tuning_layers" in n for n in trained)

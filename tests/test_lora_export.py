@@ -92,3 +92,10 @@ def test_adapters_that_are_not_weight_changes_are_refused_with_the_reason(config
     assert not (tmp_path / "adapter_model.safetensors").exists()
     with pytest.raises(dt.ConfigError, match="positive integer"):
         model.save_as_lora(tmp_path, rank=0)
+
+
+def test_a_merged_adapter_is_refused_with_the_fix(tmp_path):
+    model = _adapted("llama", dt.IA3Config())
+    model.merge_adapter()
+    with pytest.raises(dt.ConfigError, match="unmerge_adapter"):
+        model.save_as_lora(tmp_path, rank=4)

@@ -67,3 +67,39 @@ def test_train_given_a_bad_option_stops_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(deltatune.run, "training_data_and_task", lambda config: pytest.fail("loaded data"))
     with pytest.raises(RunConfigError, match="--max-steps -1"):
         deltatune.run.run_training({"max_steps": -1, "output": str(tmp_path)})
+
+
+def test_a_config_built_in_code_keeps_what_it_sets(monkeypatch, tmp_path):
+    import deltatune.run
+
+    seen = {}
+
+    def stop(config, *args):
+        seen["config"] = config
+        raise SystemExit
+
+    records = [{"text": "a", "label": "b"}]
+    monkeypatch.setattr(deltatune.run, "training_data_and_task", lambda config: (records, "seq-cls"))
+    monkeypatch.setattr(deltatune.run, "_train", stop)
+    with pytest.raises(SystemExit):
+        deltatune.run.run_training(RunConfig(lr=1e-3, r=4, output=str(tmp_path / "run")))
+    assert seen["config"].lr == 1e-3 and seen["config"].r == 4  # not the method's defaults
+
+
+def test_a_model_without_references_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    import deltatune as dt
+
+    from conftest import tiny_model
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = dt.get_peft_model(tiny_model("llama"), dt.LoraConfig(r=2))
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None  # no reference cycle keeps a PeftModel (and its base's memory) alive
+    finally:
+        gc.enable()

@@ -534,7 +534,8 @@ def test_prompt_method_options_reach_the_adapter_config(assets, tmp_path, method
 def test_an_option_for_another_method_is_reported(assets, tmp_path, caplog):
     args = train_args(assets, tmp_path / "out", "--method", "ia3", "--max-steps", "1", "--no-test", "--use-rslora")
     check_ok(invoke(*args))
-    assert "--r applies to --method lora/dora/adalora/loha/lokr/vera, not ia3" in caplog.text  # train_args gives --rank 4
+    # train_args gives --rank 4
+    assert "--r applies to --method lora/dora/adalora/loha/lokr/vera, not ia3" in caplog.text
     assert "--use-rslora applies to --method lora/dora, not ia3" in caplog.text
     assert "--dropout" not in caplog.text  # left at its default: not reported
 

@@ -143,3 +143,17 @@ def test_moving_the_model_moves_the_projections_once():
 def test_bad_configs_name_the_field(fields, message):
     with pytest.raises(dt.ConfigError, match=message):
         dt.VeraConfig(**fields)
+
+
+def test_initialisation_draws_what_peft_draws():
+    config = {"r": 4, "target_modules": TARGETS}
+    torch.manual_seed(0)
+    ours = dt.get_peft_model(tiny_model("llama"), dt.VeraConfig(**config, init_weights=False))
+    after_ours = torch.rand(1)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.VeraConfig(**config, init_weights=False))
+    after_theirs = torch.rand(1)
+    ours_d = {n: p for n, p in ours.named_parameters() if "vera_lambda_d" in n}
+    theirs_d = {n: p for n, p in theirs.named_parameters() if "vera_lambda_d" in n}
+    assert ours_d.keys() == theirs_d.keys() and all(torch.equal(ours_d[n], theirs_d[n]) for n in ours_d)
+    assert torch.equal(after_ours, after_theirs)  # the global random stream stays in step

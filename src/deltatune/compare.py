@@ -202,6 +202,8 @@ class _Runner:
         return self.output / "runs" / sub.name
 
     def train(self, sub: SubRun) -> None:
+        from deltatune.registry import training_defaults
+
         folder = self.folder(sub)
         summary = read_summary(folder) if folder.is_dir() else None
         if summary and summary.get("status") == "finished":
@@ -211,10 +213,10 @@ class _Runner:
         config |= {"output": str(folder), "test_eval": False}
         if sub.lr is not None:
             config["lr"] = sub.lr
-        if (folder / LATEST).is_file():
+        if (folder / LATEST).is_file() and training_defaults(sub.method).resumable:
             config["resume"] = True
         elif folder.exists():
-            config["overwrite"] = True
+            config["overwrite"] = True  # nothing to continue, or a method whose runs cannot resume exactly
         for stale in self.side("evals", sub, "*.json").parent.glob(f"{sub.name}.*.json"):
             stale.unlink()  # evaluations of an earlier, unfinished attempt
         config_file = self.side("configs", sub, "yaml")

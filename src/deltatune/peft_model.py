@@ -88,8 +88,22 @@ class AdapterHost(nn.Module):
         return self.model(*args, **kwargs)
 
     def update_and_allocate(self, global_step: int) -> None:
-        """HF PEFT's place for it (``model.base_model.update_and_allocate``): :meth:`PeftModel.update_and_allocate`."""
-        self.__dict__["_update_and_allocate"](global_step)
+        """Run each training adapter's per-step work (``Method.step_hook``: AdaLoRA's rank allocation) for
+        ``global_step``; call it after ``loss.backward()`` and before ``optimizer.zero_grad()`` (HF PEFT's
+        ``model.base_model.update_and_allocate``; :meth:`PeftModel.update_and_allocate` is the same)."""
+        hooks = self.__dict__.setdefault("_step_hooks", {})
+        for name, config in self.training_configs.items():
+            build = get_method(config.peft_type).step_hook
+            if build is None:
+                continue
+            if name not in hooks:
+                hooks[name] = build(self.model, name, config)
+            hooks[name].step(global_step)
+
+    @property
+    def training_configs(self) -> dict[str, PeftConfig]:
+        """The active adapters that train, with their configs (set by the PeftModel on every change)."""
+        return self.__dict__.get("_training", {})
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -117,8 +131,6 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = AdapterHost(model)
-        # Not a submodule (no cycle in the module tree); deepcopy and pickle follow it to the copy.
-        self.base_model.__dict__["_update_and_allocate"] = self.update_and_allocate
         self._causal_lm_loss = CausalLMLoss()
         # Input methods' trained tensors (prompt tuning, P-tuning, prefix tuning), by adapter name.
         self.prompt_encoder = nn.ModuleDict()
@@ -258,7 +270,7 @@ class PeftModel(nn.Module):
             )
 
     def _detach(self, adapter_name: str) -> None:
-        self.__dict__.get("_step_hooks", {}).pop(adapter_name, None)
+        self.base_model.__dict__.get("_step_hooks", {}).pop(adapter_name, None)
         shared_state.remove(self.base_model, adapter_name)
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
@@ -310,6 +322,9 @@ class PeftModel(nn.Module):
     def _sync_layers(self) -> None:
         """Push the active set into every layer and make exactly the active adapters trainable."""
         model = self._model
+        self.base_model.__dict__["_training"] = {
+            n: self.peft_config[n] for n in self._active if not self.peft_config[n].inference_mode
+        }
         for name, adapter in self.prompt_encoder.items():
             adapter.set_trainable(name in self._active and not self.peft_config[name].inference_mode)
         for _, layer in engine.adapter_layers(model):
@@ -452,26 +467,16 @@ class PeftModel(nn.Module):
     def adapter_loss(self) -> torch.Tensor | None:
         """The regularisers of the adapters that train (``Method.loss_term``: AdaLoRA's), summed; None if none."""
         total = None
-        for name in self._active:
-            config = self.peft_config[name]
+        for name, config in self.base_model.training_configs.items():
             term = get_method(config.peft_type).loss_term
-            if term is not None and not config.inference_mode:
-                value = term(self, name, config)
+            if term is not None:
+                value = term(self._model, name, config)
                 total = value if total is None else total + value
         return total
 
     def update_and_allocate(self, global_step: int) -> None:
-        """Run each training adapter's per-step work (``Method.step_hook``: AdaLoRA's rank allocation) for
-        ``global_step``; call it after ``loss.backward()`` and before ``optimizer.zero_grad()``, as in HF PEFT."""
-        hooks = self.__dict__.setdefault("_step_hooks", {})
-        for name in self._active:
-            config = self.peft_config[name]
-            build = get_method(config.peft_type).step_hook
-            if build is None or config.inference_mode:
-                continue
-            if name not in hooks:
-                hooks[name] = build(self, name, config)
-            hooks[name].step(global_step)
+        """Each training adapter's per-step work after the backward (AdaLoRA's rank allocation), as in HF PEFT."""
+        self.base_model.update_and_allocate(global_step)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
         if adapter_names is not None:

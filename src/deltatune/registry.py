@@ -36,9 +36,9 @@ class Method:
             :class:`~deltatune.shared_state.SharedBuffers` per kind, saves and loads them under
             ``base_model.<kind>``, and calls ``attach(model, adapter_name, config, shared=...)`` with
             those modules by kind.
-        loss_term: ``loss_term(peft_model, adapter_name, config)``, a regulariser added to the loss of
-            every forward with labels while the adapter trains (AdaLoRA's orthogonality term).
-        step_hook: ``step_hook(peft_model, adapter_name, config)`` builds an object whose
+        loss_term: ``loss_term(model, adapter_name, config)``, a regulariser added to the loss of every
+            training forward with labels while the adapter trains (AdaLoRA's orthogonality term).
+        step_hook: ``step_hook(model, adapter_name, config)`` builds an object whose
             ``step(global_step)`` runs after each backward (``PeftModel.update_and_allocate``):
             AdaLoRA's rank allocator.
     """
@@ -96,6 +96,7 @@ class TrainingDefaults:
         uses: the method-specific ``train`` options the method reads; given for a method that does
             not, an option is reported unused.
         resumable: whether ``train --resume`` can continue the method's run exactly.
+        shardable: whether the method trains under ``--fsdp`` (sharded parameters).
     """
 
     lr: float
@@ -106,6 +107,7 @@ class TrainingDefaults:
     config: Callable[[Mapping[str, Any], Mapping[str, Any]], PeftConfig] | None = None
     uses: tuple[str, ...] = ()
     resumable: bool = True
+    shardable: bool = True
 
     def get(self, option: str, fallback: Any = None) -> Any:
         """The method's own value, whatever the task."""

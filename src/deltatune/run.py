@@ -212,7 +212,8 @@ def run_training(options: Mapping[str, Any] | RunConfig, given: Collection[str] 
     """The main job (see the module docstring): ``options`` by name (checked and typed here, once, into a
     :class:`~deltatune.run_config.RunConfig`), ``given`` the names of those the user set."""
     config = options if isinstance(options, RunConfig) else RunConfig.from_options(options, given)
-    given = config.given
+    given = config.given | frozenset(given) | config.changed()  # a value set in code counts as given
+    config = config.replace(given=given)
     output = Path(config.output)
     raw, task_kind = training_data_and_task(config)
     config = with_method_defaults(config, given, task_kind)

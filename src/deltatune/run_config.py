@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Collection, Iterator, Mapping
@@ -179,6 +180,11 @@ class RunConfig(Mapping[str, Any]):
         values = {k: v for k, v in options.items() if k in known}
         return cls(**values, given=frozenset(given) & frozenset(known))
 
+    def changed(self) -> frozenset[str]:
+        """The options whose value is not the command line's default (a config built in code sets these)."""
+        defaults = RunConfig()
+        return frozenset(name for name in self if getattr(self, name) != getattr(defaults, name))
+
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
@@ -233,7 +239,12 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
             raise RunConfigError(f"{_flag(name)} {value!r}: expected true or false")
         return value
     if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or (kind is int and value != int(value))
+        ):
             raise RunConfigError(f"{_flag(name)} {value!r}: expected {'an integer' if kind is int else 'a number'}")
         value = kind(value)
         low, high, open_low = RANGES.get(name, (None, None, False))

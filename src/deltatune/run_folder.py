@@ -47,6 +47,7 @@ RUN_PATTERNS = ("checkpoint-*", ".checkpoint-*.tmp")
 TRAJECTORY_OPTIONS = (
     "model",
     "method",
+    "loraplus_ratio",
     "r",
     "alpha",
     "dropout",

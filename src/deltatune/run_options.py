@@ -94,6 +94,11 @@ def check_options(config: RunConfig, given: Collection[str]) -> None:
         )
     if quantize != "none" and config.fsdp:
         raise ValueError(f"--quantize {quantize} is not supported with --fsdp (bitsandbytes weights cannot be sharded)")
+    if config.fsdp and not training_defaults(config.method).shardable:
+        raise ValueError(
+            f"--fsdp shards the parameters, and --method {config.method} reads whole tensors between steps: "
+            "train it with DDP (torchrun without --fsdp) or on one process"
+        )
     if config.resume and not training_defaults(config.method).resumable:
         raise ValueError(
             f"--resume cannot continue a --method {config.method} run exactly (its training state is not in the "

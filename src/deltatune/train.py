@@ -316,15 +316,15 @@ class Trainer:
             with autocast(self.device, self.args.precision):
                 loss = self.task.loss_sum(self.engine, batch) / units
                 regulariser = self.model.adapter_loss() if isinstance(self.model, PeftModel) else None
-                if regulariser is not None:  # once per step, spread over the micro-batches (AdaLoRA's)
-                    loss = loss + regulariser / len(micro_batches)
+                if regulariser is not None:  # once per step over micro-batches and processes (AdaLoRA's)
+                    loss = loss + regulariser / (len(micro_batches) * self.dist.world)
             sync = self.engine.no_sync() if hasattr(self.engine, "no_sync") and not last else contextlib.nullcontext()
             with sync:
                 # DDP averages over processes; the loss is a global sum. The scaler is a no-op but for fp16.
                 self.scaler.scale(loss * self.dist.world).backward()
             loss_total += float(loss.detach())
+        self.scaler.unscale_(self.optimizer)  # true gradients for clipping and AdaLoRA's importances (fp16)
         if self.args.clip:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
         self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
         self.scaler.update()

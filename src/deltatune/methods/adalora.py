@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,9 +50,6 @@ from deltatune.registry import (
     register_method,
     register_training_defaults,
 )
-
-if TYPE_CHECKING:
-    from deltatune.peft_model import PeftModel
 
 # AdaLoRA's own defaults: LoRA's query/value table, but every projection of T5's blocks.
 DEFAULT_TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("q", "k", "v", "o", "wi", "wo"))
@@ -187,18 +184,45 @@ class SVDLinear(DeltaLayer):
         h = self.lora_dropout[name](x) @ (self.lora_A[name] * self.lora_E[name]).T
         return (h @ self.lora_B[name].T) * self._scale(name)
 
+    def _kept(self, name: str) -> torch.Tensor | None:
+        """The mask of triplets the allocator kept, on the adapter's device; None before it prunes."""
+        kept = self.pruned.get(name)
+        if kept is None or bool(kept.all()):
+            return None
+        return kept.to(self.lora_E[name].device)
+
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The kept triplets only, once training has pruned, as HF PEFT saves them."""
         state = super().adapter_state_dict(name)
-        kept = self.pruned.get(name)
-        if kept is None or bool(kept.all()):
+        kept = self._kept(name)
+        if kept is None:
             return state
         return {
+            **state,
             "lora_A": state["lora_A"][kept],
             "lora_E": state["lora_E"][kept],
             "lora_B": state["lora_B"][:, kept],
-            **{k: v for k, v in state.items() if k not in ("lora_A", "lora_E", "lora_B")},
         }
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+        """Full-size tensors, or (into a pruned adapter, as ``Trainer`` resumes) the kept triplets only."""
+        kept = self._kept(name)
+        saved = state.get("lora_E")
+        if kept is None or saved is None or saved.shape[0] == self.lora_E[name].shape[0]:
+            self.pruned.pop(name, None)  # full-size tensors: the saved values decide what is zero
+            super().load_adapter_state_dict(name, state, where)
+            return
+        if saved.shape[0] != int(kept.sum()):
+            raise ValueError(
+                f"{where}: the checkpoint keeps {saved.shape[0]} of {kept.numel()} AdaLoRA triplets and this "
+                f"adapter keeps {int(kept.sum())}; load it into a fresh adapter (from_pretrained, or load_adapter "
+                "under a new name)"
+            )
+        with torch.no_grad():
+            self.lora_A[name][kept] = state["lora_A"].to(self.lora_A[name])
+            self.lora_E[name].zero_()
+            self.lora_E[name][kept] = saved.to(self.lora_E[name])
+            self.lora_B[name][:, kept] = state["lora_B"].to(self.lora_B[name])
 
 
 def default_targets(model: nn.Module, wrappable: tuple[type[nn.Module], ...]) -> list[str]:
@@ -225,17 +249,18 @@ def attach_adalora(model: nn.Module, adapter_name: str, config: PeftConfig) -> l
 class RankAllocator:
     """AdaLoRA's budget schedule and importance-based masking for one adapter of one model."""
 
-    def __init__(self, peft_model: PeftModel, adapter_name: str, config: AdaLoraConfig) -> None:
-        self.model, self.name, self.config = peft_model, adapter_name, config
+    def __init__(self, model: nn.Module, adapter_name: str, config: AdaLoraConfig) -> None:
+        self.name, self.config = adapter_name, config
         self.layers = {
             engine.checkpoint_path(path): layer
-            for path, layer in engine.adapter_layers(peft_model.get_base_model())
+            for path, layer in engine.adapter_layers(model)
             if isinstance(layer, SVDLinear) and adapter_name in layer.lora_E
         }
         self.initial_budget = sum(layer.lora_A[adapter_name].shape[0] for layer in self.layers.values())
         self.target_budget = config.target_r * len(self.layers)
-        self.smoothed: dict[int, torch.Tensor] = {}
-        self.uncertainty: dict[int, torch.Tensor] = {}
+        # By "<layer path>.<tensor>": the smoothed importance and its uncertainty (survive deepcopy and .to()).
+        self.smoothed: dict[str, torch.Tensor] = {}
+        self.uncertainty: dict[str, torch.Tensor] = {}
 
     def budget(self, step: int) -> tuple[int, bool]:
         """``(budget, mask now)`` at ``step``: the cubic schedule between ``tinit`` and ``total - tfinal``."""
@@ -249,40 +274,49 @@ class RankAllocator:
         budget = int((self.initial_budget - self.target_budget) * remaining**3 + self.target_budget)
         return budget, step % c.deltaT == 0
 
-    def _tensors(self) -> list[nn.Parameter]:
+    def _tensors(self) -> dict[str, nn.Parameter]:
         n = self.name
-        return [t for layer in self.layers.values() for t in (layer.lora_A[n], layer.lora_E[n], layer.lora_B[n])]
+        return {
+            f"{path}.{kind}": getattr(layer, kind)[n]
+            for path, layer in self.layers.items()
+            for kind in ("lora_A", "lora_E", "lora_B")
+        }
 
     @torch.no_grad()
-    def update_importance(self) -> None:
+    def update_importance(self) -> bool:
+        """Fold this step's :math:`|w \\nabla w|` into the averages; False (nothing changed) for a step whose
+        gradients are not finite (an fp16 step the loss scaler skipped)."""
         c = self.config
-        for param in self._tensors():
+        tensors = self._tensors()
+        for param in tensors.values():
             if param.grad is None:
                 raise RuntimeError(
                     "update_and_allocate needs the gradients of the step: call it after loss.backward() and before "
                     "optimizer.zero_grad()"
                 )
+        if not all(bool(torch.isfinite(p.grad).all()) for p in tensors.values()):
+            return False
+        for key, param in tensors.items():
             importance = (param * param.grad).abs()
-            key = id(param)
-            smoothed = self.smoothed.get(key, torch.zeros_like(param))
+            smoothed = self.smoothed.get(key, torch.zeros_like(param)).to(param.device)
             smoothed = c.beta1 * smoothed + (1 - c.beta1) * importance
-            self.uncertainty[key] = c.beta2 * self.uncertainty.get(key, torch.zeros_like(param)) + (1 - c.beta2) * (
-                importance - smoothed
-            ).abs()
+            unc = self.uncertainty.get(key, torch.zeros_like(param)).to(param.device)
+            self.uncertainty[key] = c.beta2 * unc + (1 - c.beta2) * (importance - smoothed).abs()
             self.smoothed[key] = smoothed
+        return True
 
-    def _score(self, param: nn.Parameter) -> torch.Tensor:
-        key = id(param)
-        return self.smoothed.get(key, torch.zeros_like(param)) * self.uncertainty.get(key, torch.zeros_like(param))
+    def _score(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros_like(like)
+        return self.smoothed.get(key, zero).to(like.device) * self.uncertainty.get(key, zero).to(like.device)
 
     @torch.no_grad()
     def mask_to(self, budget: int) -> dict[str, list[bool]]:
         """Zero the singular values of all but the ``budget`` best-scoring triplets; the kept masks by layer."""
         n = self.name
         scores = {
-            path: self._score(layer.lora_E[n]).view(-1)
-            + self._score(layer.lora_A[n]).mean(dim=1)
-            + self._score(layer.lora_B[n]).mean(dim=0)
+            path: self._score(f"{path}.lora_E", layer.lora_E[n]).view(-1)
+            + self._score(f"{path}.lora_A", layer.lora_A[n]).mean(dim=1)
+            + self._score(f"{path}.lora_B", layer.lora_B[n]).mean(dim=0)
             for path, layer in self.layers.items()
         }
         pruned = self.initial_budget - budget
@@ -300,7 +334,10 @@ class RankAllocator:
     def apply_pattern(self, pattern: Mapping[str, list[bool]]) -> None:
         n = self.name
         for path, layer in self.layers.items():
-            keep = torch.tensor(pattern[f"{path}.lora_E"], device=layer.lora_E[n].device)
+            mask = pattern.get(f"{path}.lora_E")
+            if mask is None or len(mask) != layer.lora_E[n].shape[0]:
+                continue  # a layer loaded at its kept rank: nothing left to mask
+            keep = torch.tensor(mask, device=layer.lora_E[n].device)
             layer.lora_E[n].masked_fill_(~keep[:, None], 0.0)
             layer.pruned[n] = keep
 
@@ -308,7 +345,8 @@ class RankAllocator:
         """HF PEFT's ``update_and_allocate``: importance, then the schedule's mask (the final one frozen)."""
         final = self.config.total_step - self.config.tfinal
         if global_step < final:
-            self.update_importance()
+            if not self.update_importance():
+                return  # a skipped step moves neither the averages nor the mask
             budget, mask_now = self.budget(global_step)
             if mask_now:
                 self.config.rank_pattern = self.mask_to(budget)
@@ -319,12 +357,12 @@ class RankAllocator:
             self.apply_pattern(self.config.rank_pattern)
 
 
-def orthogonality_loss(peft_model: PeftModel, adapter_name: str, config: PeftConfig) -> torch.Tensor:
+def orthogonality_loss(model: nn.Module, adapter_name: str, config: PeftConfig) -> torch.Tensor:
     """``orth_reg_weight`` times the mean of :math:`\\lVert Q Q^\\top - I \\rVert_F` and
     :math:`\\lVert P^\\top P - I \\rVert_F` over the adapter's matrices."""
     assert isinstance(config, AdaLoraConfig)
     terms = []
-    for _, layer in engine.adapter_layers(peft_model.get_base_model()):
+    for _, layer in engine.adapter_layers(model):
         if isinstance(layer, SVDLinear) and adapter_name in layer.lora_A:
             A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
             for product in (A @ A.T, B.T @ B):
@@ -372,5 +410,6 @@ register_training_defaults(
         source="final rank 8 from 12 (Zhang et al. 2023's 1.5x), tinit/tfinal a tenth of the steps; LoRA's lr",
         config=config_from_options,
         resumable=False,  # the allocator's smoothed importances are not in the checkpoints
+        shardable=False,  # the allocator and the regulariser read whole tensors
     ),
 )

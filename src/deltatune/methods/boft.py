@@ -159,15 +159,16 @@ class BOFTLinear(RotationLayer):
     """BOFT around a linear layer (``nn.Linear``, ``Conv1D``, bitsandbytes 4-bit/8-bit)."""
 
     containers = ("boft_R", "boft_s")
-    per_adapter = ("boft_dropout", "_permutations")
+    per_adapter = ("boft_dropout", "boft_P")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.boft_R = nn.ParameterDict()
         self.boft_s = nn.ParameterDict()
         self.boft_dropout: dict[str, float] = {}
-        # Per adapter, each factor's permutation of the input indices (None: the identity).
-        self._permutations: dict[str, list[torch.Tensor | None]] = {}
+        # Per adapter, each butterfly factor's permutation of the input indices, as buffers (they follow
+        # .to()) that no checkpoint holds: they follow from the sizes.
+        self.boft_P = nn.ModuleDict()
 
     def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
         assert isinstance(config, BOFTConfig)
@@ -182,10 +183,11 @@ class BOFTLinear(RotationLayer):
             nn.init.normal_(s, mean=1.0, std=0.1)
         self.boft_R[name], self.boft_s[name] = nn.Parameter(R), nn.Parameter(s)
         self.boft_dropout[name] = float(config.boft_dropout)
-        self._permutations[name] = [
-            None if i == 0 else butterfly_permutation(self.in_features, count // 2**i, size // 2).to(view.device)
-            for i in range(factors)
-        ]
+        permutations = nn.Module()
+        for i in range(1, factors):  # factor 0's is the identity
+            order = butterfly_permutation(self.in_features, count // 2**i, size // 2).to(view.device)
+            permutations.register_buffer(f"factor{i}", order, persistent=False)
+        self.boft_P[name] = permutations
 
     def _blocks(self, name: str, dropout: bool) -> torch.Tensor:
         """Every factor's orthogonal blocks, ``(factors, blocks, size, size)``."""
@@ -203,24 +205,34 @@ class BOFTLinear(RotationLayer):
         return Q
 
     def rotate(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(name, x, dropout=self.training)
+        return self._butterfly(name, x, dropout=self.training)
 
-    def _apply(self, name: str, x: torch.Tensor, dropout: bool) -> torch.Tensor:
+    def _butterfly(self, name: str, x: torch.Tensor, dropout: bool) -> torch.Tensor:
         Q = self._blocks(name, dropout)
         h = x.to(Q.dtype)
+        permutations = self.boft_P[name]
         # x M = x B_{m-1} ... B_0, and x B_i = ((x P_i) blockdiag) P_i^T: a gather, the blocks, a gather back.
         for i in reversed(range(Q.shape[0])):
-            order = self._permutations[name][i]
-            if order is None:
+            if i == 0:
                 h = block_rotate(h, Q[i])
             else:
-                inverse = torch.argsort(order)
-                h = block_rotate(h[..., inverse], Q[i])[..., order]
+                order = getattr(permutations, f"factor{i}")
+                h = block_rotate(h[..., torch.argsort(order)], Q[i])[..., order]
         return h.to(x.dtype)
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+        saved, own = state.get("boft_R"), self.boft_R.get(name)
+        if saved is not None and own is not None and saved.shape[0] == 1 and own.shape[0] > 1:
+            raise ValueError(
+                f"{where}.boft_R holds one butterfly factor, and the config asks for {own.shape[0]}: HF PEFT without "
+                "its CUDA extension (on a CPU) trains one factor whatever boft_n_butterfly_factor says; load it "
+                "with a config whose boft_n_butterfly_factor is 1"
+            )
+        super().load_adapter_state_dict(name, state, where)
 
     def rotation_matrix(self, name: str) -> torch.Tensor:
         R = self.boft_R[name]
-        return self._apply(name, torch.eye(self.in_features, dtype=R.dtype, device=R.device), dropout=False)
+        return self._butterfly(name, torch.eye(self.in_features, dtype=R.dtype, device=R.device), dropout=False)
 
     def output_scale(self, name: str) -> torch.Tensor | None:
         return self.boft_s[name].flatten()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -124,6 +125,13 @@ class LNTuningLayer(AdapterLayer):
         replica = self.ln_tuning_layers[name]
         self.ln_tuning_layers[name] = self.base_layer
         self.base_layer = replica
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        # Merged, the trained copy is the base layer (and the original sits in the container).
+        if name in self.merged_adapters:
+            yield from self.base_layer.parameters()
+        else:
+            yield from super().adapter_parameters(name)
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self.merged_adapters:

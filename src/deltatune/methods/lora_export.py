@@ -101,6 +101,11 @@ def save_as_lora(
             for name, tensor in layer.adapter_state_dict(adapter_name).items():
                 state[f"{checkpoint.PREFIX}{key}.{name}"] = tensor
             continue
+        if adapter_name in layer.merged_adapters:
+            raise ConfigError(
+                f"{key}: adapter {adapter_name!r} is merged into the base weights, so its change can no longer be "
+                "read off them; unmerge_adapter() first"
+            )
         delta = layer.weight_delta(adapter_name)
         if delta is None:
             raise ConfigError(

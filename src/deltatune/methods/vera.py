@@ -162,12 +162,12 @@ class VeraLinear(DeltaLayer):
     def add_vera(self, name: str, config: VeraConfig, shared: Mapping[str, SharedBuffers]) -> None:
         self.projections.update(shared)
         factory = self.factory()
+        d = torch.randn(config.r, **factory)  # drawn whatever the init, as HF PEFT does (the same RNG stream)
         if config.init_weights:
             b = torch.zeros(self.out_features, **factory)
-            d = torch.full((config.r,), float(config.d_initial), **factory)
+            d = torch.full_like(d, float(config.d_initial))
         else:
             b = torch.ones(self.out_features, **factory)
-            d = torch.randn(config.r, **factory)
         self.vera_lambda_b[name] = nn.Parameter(b)
         self.vera_lambda_d[name] = nn.Parameter(d)
         self.vera_dropout[name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
@@ -240,9 +240,7 @@ VERA = register_method(
 
 def config_from_options(options: Mapping[str, Any], common: Mapping[str, Any]) -> VeraConfig:
     """The VeRA config ``deltatune train``'s options describe (``--r``, ``--dropout``)."""
-    if common.get("exclude_modules"):
-        raise ConfigError("VeRA has no exclude_modules (HF PEFT's config lacks it): name the targets with --targets")
-    fields = {k: v for k, v in common.items() if k != "exclude_modules"}
+    fields = {k: v for k, v in common.items() if k != "exclude_modules"}  # VeRA has none (check_options warned)
     return VeraConfig(r=options["r"], vera_dropout=options.get("dropout") or 0.0, **fields)
 
 
