@@ -58,19 +58,22 @@ def test_readme_trl_example_runs(tmp_path, monkeypatch):
 
 
 METHOD_CONFIGS = ("LoHaConfig", "LoKrConfig", "VeraConfig", "OFTConfig", "BOFTConfig", "AdaLoraConfig")
-METHOD_CONFIGS += ("LNTuningConfig",)
+METHOD_CONFIGS += ("LNTuningConfig", "IA3Config", "BottleneckConfig", "PrefixTuningConfig", "PromptTuningConfig")
 
 
 def test_readme_new_methods_block_builds_configs_that_attach():
     import deltatune as dt
+    from deltatune.registry import _METHODS
 
     from conftest import tiny_model
 
     namespace: dict = {}
     exec(compile(_block("LoHaConfig(r=8"), str(README), "exec"), namespace)
-    for name in METHOD_CONFIGS:
+    for name in METHOD_CONFIGS[:7]:
         assert name in namespace
     dt.get_peft_model(tiny_model("llama"), dt.LoKrConfig(r=8, decompose_both=True, target_modules="all-linear"))
     text = README.read_text()
-    for config in METHOD_CONFIGS + ("LoraConfig",):
+    for config in METHOD_CONFIGS + ("LoraConfig", "PromptEncoderConfig"):
         assert f"| `{config}`" in text or f"(`{config}`)" in text, f"README's tables lack {config}"
+    registered = {c.__name__ for c in (m.config_class for m in _METHODS.values())}
+    assert registered <= set(METHOD_CONFIGS) | {"LoraConfig", "PromptEncoderConfig"}, "a method missing from README"
