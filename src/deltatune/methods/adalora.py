@@ -405,9 +405,10 @@ register_training_defaults(
     "adalora",
     TrainingDefaults(
         uses=("r", "alpha", "dropout", *MODULE_OPTIONS),
-        lr=5e-4,
+        lr=2e-3,
         options={"targets": "all-linear", "r": 8, "alpha": 16},
-        source="final rank 8 from 12 (Zhang et al. 2023's 1.5x), tinit/tfinal a tenth of the steps; LoRA's lr",
+        source="final rank 8 from 12 (Zhang et al. 2023's 1.5x), tinit/tfinal a tenth of the steps; lr measured: "
+        "Rotten Tomatoes validation 0.852 at 2e-3, 0.742 at 5e-4",
         config=config_from_options,
         resumable=False,  # the allocator's smoothed importances are not in the checkpoints
         shardable=False,  # the allocator and the regulariser read whole tensors

@@ -257,9 +257,9 @@ register_training_defaults(
     "boft",
     TrainingDefaults(
         uses=("dropout", *MODULE_OPTIONS),
-        lr=5e-4,
+        lr=2e-3,
         options={"targets": "all-linear"},
-        source="blocks of 4, two butterfly factors; LoRA's lr and targets, not yet tuned",
+        source="blocks of 4, two butterfly factors, all-linear; lr measured: Rotten Tomatoes validation 0.863 at 2e-3",
         config=_config,
     ),
 )

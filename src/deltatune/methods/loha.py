@@ -98,9 +98,10 @@ register_training_defaults(
     "loha",
     TrainingDefaults(
         uses=("r", "alpha", "dropout", *MODULE_OPTIONS),
-        lr=5e-4,
+        lr=2e-3,
         options={"targets": "all-linear", "r": 8, "alpha": 16},
-        source="LoRA's lr and all-linear targets; r=8 gives rank up to 64 at LoRA r=16's size",
+        source="all-linear, r=8 (rank up to 64 at LoRA r=16's size); lr measured: Rotten Tomatoes validation "
+        "0.848 at 2e-3, 0.801 at LoRA's 5e-4",
         config=lambda options, common: LoHaConfig(**config_options(options, common)),
     ),
 )

@@ -162,9 +162,10 @@ register_training_defaults(
     "lokr",
     TrainingDefaults(
         uses=("r", "alpha", "dropout", *MODULE_OPTIONS),
-        lr=5e-4,
+        lr=2e-3,
         options={"targets": "all-linear", "r": 8, "alpha": 8},
-        source="LoRA's lr and all-linear targets; PEFT's r=8, alpha=8",
+        source="all-linear, PEFT's r=8, alpha=8; lr measured: Rotten Tomatoes validation 0.855 at 2e-3 "
+        "(0.16 % of the weights), 0.836 at 1e-2",
         config=lambda options, common: LoKrConfig(**config_options(options, common)),
     ),
 )

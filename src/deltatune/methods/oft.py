@@ -275,7 +275,8 @@ register_training_defaults(
         uses=("dropout", *MODULE_OPTIONS),
         lr=5e-4,
         options={"targets": "all-linear"},
-        source="PEFT's block size 32 and Cayley-Neumann series; LoRA's lr and targets, not yet tuned",
+        source="PEFT's block size 32 and Cayley-Neumann series, all-linear; Rotten Tomatoes validation 0.801 at "
+        "5e-4, diverged (0.449) at 2e-3",
         config=lambda options, common: OFTConfig(module_dropout=options.get("dropout") or 0.0, **common),
     ),
 )

