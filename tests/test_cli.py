@@ -104,7 +104,8 @@ def test_train_help_shows_every_option_with_its_default():
         assert name in lines, f"{name} missing from train --help"
         if param.default is not None and (not getattr(param, "is_flag", False) or param.secondary_opts):
             assert "[default: " in lines[name], f"{name} shows no default: {lines[name]!r}"
-    assert "lora/dora/oft: 0.0005" in lines["--lr"] and "adalora/boft/loha/lokr: 0.002" in lines["--lr"]
+    assert "lora/dora: 0.0005" in lines["--lr"] and "adalora/boft/loha/lokr: 0.002" in lines["--lr"]
+    assert "oft: 0.0002" in lines["--lr"]
     assert "vera: 0.01" in lines["--lr"] and "x>0" in lines["--lr"]
     assert "lora/dora: 16; adalora/loha/lokr: 8; vera: 256); x>=1]" in lines["--r"] and lines["--r"] is lines["--rank"]
     assert "lora/dora: 32.0; adalora/loha: 16; lokr: 8" in lines["--alpha"]
