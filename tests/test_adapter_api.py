@@ -680,3 +680,19 @@ def test_delete_adapter_leaves_no_per_adapter_state(config):
     for layer in layers:
         for attr in layer.containers + layer.per_adapter:
             assert "second" not in getattr(layer, attr), (type(layer).__name__, attr)
+
+
+def test_a_whole_model_survives_torch_save_and_load(tmp_path):
+    from conftest import tiny_inputs, tiny_model
+
+    model = dt.get_peft_model(tiny_model("llama"), dt.VeraConfig(r=4, target_modules=["q_proj"], init_weights=False))
+    model.add_adapter("ada", dt.AdaLoraConfig(init_r=4, target_r=2, total_step=4, target_modules=["v_proj"]))
+    model.eval()
+    ids = tiny_inputs("llama")
+    expected = model(**ids, labels=ids["input_ids"])  # the fused-loss check ran and cached its verdict
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    again = loaded(**ids, labels=ids["input_ids"])
+    torch.testing.assert_close(again.logits, expected.logits)
+    torch.testing.assert_close(again.loss, expected.loss)
+    assert torch.equal(loaded.base_model.vera_A["default"], model.base_model.vera_A["default"])

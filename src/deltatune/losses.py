@@ -228,6 +228,14 @@ class HeadLoss:
     def __init__(self) -> None:
         self.verdicts: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict:
+        # The verdicts are a cache keyed by live modules: a copy (pickle, torch.save) checks again.
+        return {**self.__dict__, "verdicts": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.verdicts = weakref.WeakKeyDictionary()
+
     def loss_sum(
         self,
         model: Any,
@@ -368,6 +376,14 @@ class CausalLMLoss:
 
     def __init__(self) -> None:
         self.verdicts: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+    def __getstate__(self) -> dict:
+        # The verdicts are a cache keyed by live modules: a copy (pickle, torch.save) checks again.
+        return {**self.__dict__, "verdicts": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.verdicts = weakref.WeakKeyDictionary()
 
     def __call__(
         self, model: nn.Module, kwargs: dict[str, Any], run: Callable[[dict[str, Any]], Any] | None = None
