@@ -187,6 +187,7 @@ class BOFTLinear(RotationLayer):
         for i in range(1, factors):  # factor 0's is the identity
             order = butterfly_permutation(self.in_features, count // 2**i, size // 2).to(view.device)
             permutations.register_buffer(f"factor{i}", order, persistent=False)
+            permutations.register_buffer(f"inverse{i}", torch.argsort(order), persistent=False)
         self.boft_P[name] = permutations
 
     def _blocks(self, name: str, dropout: bool) -> torch.Tensor:
@@ -216,8 +217,8 @@ class BOFTLinear(RotationLayer):
             if i == 0:
                 h = block_rotate(h, Q[i])
             else:
-                order = getattr(permutations, f"factor{i}")
-                h = block_rotate(h[..., torch.argsort(order)], Q[i])[..., order]
+                order, inverse = getattr(permutations, f"factor{i}"), getattr(permutations, f"inverse{i}")
+                h = block_rotate(h[..., inverse], Q[i])[..., order]
         return h.to(x.dtype)
 
     def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
