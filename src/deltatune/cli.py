@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: train, eval, generate, merge, inspect, models, datasets.
+"""The ``deltatune`` command: train, eval, generate, merge, serve, inspect, models, datasets.
 
 Options come from flags, or from a YAML/TOML file given with ``--config`` (flags override it).
 ``deltatune train`` with no arguments is the default run: LoRA on the embedded SmolLM2 for Rotten
@@ -647,6 +647,33 @@ def inspect(directory: str, as_json: bool) -> None:
         if key == "options":
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         click.echo(f"{key:>22}: {value}")
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m-instruct", help="Embedded model name or local model folder to serve.")
+@click.option("--adapter", multiple=True, help="NAME=PATH: an adapter (run folder or adapter folder) served as NAME.")
+@click.option(
+    "--adapter-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Folder from which clients may load adapters (POST /v1/adapters); without it they can load none.",
+)
+@quantize_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: a GPU if any.")
+@click.option("--host", default="127.0.0.1", help="Address to listen on.")
+@click.option("--port", default=8000, type=click.IntRange(0, 65535), help="Port to listen on (0: any free one).")
+@click.option("--max-batch", default=32, type=AT_LEAST_ONE, help="Rows decoding together at most.")
+@click.option("--max-queue", default=256, type=AT_LEAST_ONE, help="Waiting requests at most (then 429).")
+@click.option("--max-tokens", default=256, type=AT_LEAST_ONE, help="Reply length for requests that give none.")
+@click.option("--request-timeout", default=600.0, type=NON_NEGATIVE, help="Seconds a request may take (0: no limit).")
+@click.option("--drain-timeout", default=0.0, type=NON_NEGATIVE, help="Seconds SIGTERM waits for requests (0: all).")
+@click.option("--api-key", default=None, envvar="DELTATUNE_API_KEY", help="Require Authorization: Bearer KEY.")
+@friendly_errors
+def serve(**options: Any) -> None:
+    """Serve the base model and its adapters behind an OpenAI-compatible API, batching requests together."""
+    from deltatune.serving.server import run_server
+
+    run_server(options)
 
 
 @main.command()
