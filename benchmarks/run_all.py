@@ -26,7 +26,9 @@ from typing import Any
 import common
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["lora_layer", "train_step", "inference", "prompt_prefix", "mixed_batch", "quantized", "end_to_end"]
+BENCHMARKS = [
+    "lora_layer", "train_step", "inference", "prompt_prefix", "mixed_batch", "quantized", "end_to_end", "serve",
+]
 
 
 def names(text: str | None) -> list[str]:

@@ -33,14 +33,28 @@ CHAT_PROMPTS = [
 TEXT_PROMPTS = ["one two three", "The capital of France is", "def add(a, b):", "Once upon"]
 
 
-def make_adapters(llama: Path, folder: Path) -> dict[str, Path]:
-    """LoRA, DoRA and rsLoRA adapters with random (non-identity) weights, and one prompt-tuning adapter."""
-    configs = {
+def lora_family() -> dict[str, Any]:
+    """LoRA, DoRA and rsLoRA adapters, and one prompt-tuning adapter."""
+    return {
         "alpha": dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
         "beta": dt.LoraConfig(r=8, target_modules="all-linear", use_dora=True),
         "gamma": dt.LoraConfig(r=16, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj"], use_rslora=True),
         "prompted": dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     }
+
+
+def other_methods() -> dict[str, Any]:
+    """Layer methods beside LoRA, on modules of their own (one base layer takes one method)."""
+    return {
+        "ia3": dt.IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+                            feedforward_modules=["down_proj"]),
+        "loha": dt.LoHaConfig(r=4, target_modules=["q_proj", "gate_proj"]),
+        "vera": dt.VeraConfig(r=8, target_modules=["o_proj"]),
+    }
+
+
+def make_adapters(llama: Path, folder: Path, configs: dict[str, Any], noise: float = 0.5) -> dict[str, Path]:
+    """Each config's adapter with random weights far from its identity, saved in ``folder/name``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for seed, (name, config) in enumerate(configs.items()):
@@ -53,7 +67,7 @@ def make_adapters(llama: Path, folder: Path) -> dict[str, Path]:
         with torch.no_grad():
             for parameter in peft_model.parameters():
                 if parameter.requires_grad:  # far from the identity, so each adapter changes the replies
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * noise)
         peft_model.save_pretrained(paths[name])
     return paths
 
@@ -72,7 +86,8 @@ class Served:
 def serving(llama: Path, adapters: dict[str, Path] | None = None, **options: Any) -> Iterator[Served]:
     """A server on loopback in a thread of this process, stopped (and its batcher drained) on exit."""
     model, tokenizer = load_model(str(llama), allow_hub=False)
-    state = build_state(model, tokenizer, base_name=BASE, adapters=list((adapters or {}).items()), **options)
+    options.setdefault("base_name", BASE)
+    state = build_state(model, tokenizer, adapters=list((adapters or {}).items()), **options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -61,3 +61,12 @@ def test_inference_benchmark_runs_without_the_embedded_weights():
     record = run_quick("bench_inference.py", DELTATUNE_BENCH_RANDOM_WEIGHTS="1")
     assert record["generate"]["new_tokens"] > 0 and all(v > 0 for v in record["generate"]["tokens_per_s"].values())
     assert record["checks"]["max_abs_diff_deltatune_vs_peft_unmerged"] < 1e-4
+
+
+@pytest.mark.slow
+def test_serve_benchmark_runs_the_three_servers_and_agrees_with_peft():
+    """On SmolLM2 with 8 adapters: deltatune serve's greedy replies equal HF PEFT's one request at a time."""
+    record = run_quick("bench_serve.py")
+    assert {"throughput_serve_over_naive@4", "throughput_serve_over_per_adapter@4"} <= set(record["ratios"])
+    assert all(run["tokens"] > 0 and run["p99_s"] >= run["p50_s"] > 0 for run in record["runs"].values())
+    assert record["checks"]["replies_equal_to_naive_share"] == 1.0

@@ -24,7 +24,9 @@ from serve_helpers import (
     CHAT_PROMPTS,
     TEXT_PROMPTS,
     Reference,
+    lora_family,
     make_adapters,
+    other_methods,
     read_stream,
     serving,
     streamed_text,
@@ -44,7 +46,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter_dir(assets, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served_adapters")
-    make_adapters(assets.llama, folder)
+    make_adapters(assets.llama, folder, lora_family())
     return folder
 
 
@@ -482,3 +484,25 @@ def test_serve_refuses_bad_options(assets, paths, tmp_path):
     result = invoke("serve", "--model", str(assets.llama), "--adapter-dir", str(tmp_path / "none"))
     assert result.exit_code != 0 and "no such folder" in result.output
 
+
+
+def test_the_readme_openai_example_runs_against_a_server(assets, paths, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from openai import" in b)
+    with serving(assets.llama, {"legal": paths["alpha"]}, base_name="smollm2-135m-instruct",
+                 default_max_tokens=6) as s:
+        exec(compile(block.replace("http://localhost:8000", s.url), "README.md", "exec"), {})
+    assert "completion_tokens=6" in capsys.readouterr().out
+
+
+def test_other_layer_methods_are_served_with_the_greedy_reply(assets, tmp_path_factory):
+    paths = make_adapters(assets.llama, tmp_path_factory.mktemp("other_methods"), other_methods(), noise=3.0)
+    reference = Reference(assets.llama, paths)
+    with serving(assets.llama, paths) as s, s.client() as c:
+        for model in (BASE, *paths):
+            reply = chat(c, model, CHAT_PROMPTS[1], max_tokens=8).json()
+            assert reply["choices"][0]["message"]["content"] == reference.chat(CHAT_PROMPTS[1], model, 8)[0], model
+        assert len({reference.chat(CHAT_PROMPTS[1], m, 8)[0] for m in (BASE, *paths)}) == 1 + len(paths)
