@@ -12,6 +12,7 @@ before and after: an adapter should barely move it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -46,6 +47,7 @@ from deltatune.run_folder import (
     parse_label_words,
     recorded_options,
     remove_failed_output,
+    run_lock,
     write_summary,
 )
 from deltatune.run_options import (
@@ -219,17 +221,19 @@ def run_training(options: Mapping[str, Any] | RunConfig, given: Collection[str] 
     config = with_method_defaults(config, given, task_kind)
     dist_env = Distributed.from_env(config.device)
     check_options(config, given)  # every process checks, so that each fails alike
-    created = check_output(output, resume=config.resume, overwrite=bool(config.overwrite))
-    if config.resume:
-        check_resume(output, config)
-    try:
-        return _train(config, output, dist_env, given, (raw, task_kind))
-    except BaseException as err:
-        if dist_env.main:
-            remove_failed_output(output, created)
-            if isinstance(err, KeyboardInterrupt) and output.is_dir():
-                _mark_status(output, "interrupted")
-        raise
+    # before the folder is even looked at: a second run must not --overwrite or --resume a live one
+    with run_lock(output) if dist_env.main else contextlib.nullcontext():
+        created = check_output(output, resume=config.resume, overwrite=bool(config.overwrite))
+        if config.resume:
+            check_resume(output, config)
+        try:
+            return _train(config, output, dist_env, given, (raw, task_kind))
+        except BaseException as err:
+            if dist_env.main:
+                remove_failed_output(output, created)
+                if isinstance(err, KeyboardInterrupt) and output.is_dir():
+                    _mark_status(output, "interrupted")
+            raise
 
 
 def _mark_status(output: Path, status: str) -> None:

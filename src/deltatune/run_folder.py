@@ -16,16 +16,28 @@ A run folder (``train --output``) holds::
 the base model, the data columns, the longest input and, for classification, the label set in
 index order with the label words, instruction and system turn of label generation. Every command
 builds its task from it, so class indices never depend on which file is being evaluated.
+
+One run at a time writes a run folder: :func:`run_lock` holds an advisory lock on
+``.<name>.lock`` beside it for the whole run. The kernel drops the lock when the process ends, so a
+run that crashed or was killed never leaves the folder locked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no run lock either
+    fcntl = None  # type: ignore[assignment]
 
 from deltatune.atomic import atomic_write_bytes
 from deltatune.config import CONFIG_NAME
@@ -225,6 +237,38 @@ def _run_entries(folder: Path) -> list[Path]:
     for pattern in RUN_PATTERNS:
         found += sorted(folder.glob(pattern))
     return [path for path in dict.fromkeys(found) if path.exists() or path.is_symlink()]
+
+
+class RunFolderBusy(ValueError):
+    """Another live process is writing the run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold the run folder for this process; another holder makes it raise :class:`RunFolderBusy`."""
+    folder = Path(folder).absolute()
+    lock = folder.parent / f".{folder.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise RunFolderBusy(
+                    f"--output {folder} is in use by another deltatune run (process {holder}); wait for it to "
+                    "finish or stop it, or choose another --output"
+                ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def check_output(folder: Path, *, resume: bool, overwrite: bool) -> bool:
