@@ -228,6 +228,17 @@ class AdapterLayer(nn.Module):
         if not all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
 
+    def tensor_snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of this layer's tensors, base and adapters: ``safe_merge``'s undo (a merge may swap them)."""
+        state = self.state_dict(keep_vars=True)
+        return {k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    def restore_tensors(self, snapshot: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, tensor in self.state_dict(keep_vars=True).items():
+                if key in snapshot:
+                    tensor.copy_(snapshot[key])
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)

@@ -397,17 +397,17 @@ class PeftModel(nn.Module):
                 )
         layers = [layer for layer in self._layers() if any(n in layer.adapter_names for n in names)]
         _untie_shared_weights(self._model, layers)
-        touched: list[tuple[AdapterLayer, list[str], dict[str, torch.Tensor]]] = []
+        touched = []
         try:
             for layer in layers:
                 if safe_merge:  # what to put back if a later layer turns out broken
-                    touched.append((layer, list(layer.merged_adapters), _base_snapshot(layer)))
+                    touched.append((layer, list(layer.merged_adapters), layer.tensor_snapshot()))
                 layer.merge([n for n in names if n in layer.adapter_names], safe_merge=safe_merge)
         except ValueError:
             # safe_merge refused a layer: the layers merged before it are put back, so the model
             # is exactly as it was, not half merged
             for layer, merged_before, snapshot in touched:
-                _restore_base(layer, snapshot)
+                layer.restore_tensors(snapshot)
                 layer.merged_adapters[:] = merged_before
             raise
         _warn_rounding(layers, "merging")
@@ -791,15 +791,3 @@ def _warn_rounding(layers: list[AdapterLayer], action: str) -> None:
         ", ".join(kinds),
         worst,
     )
-
-
-def _base_snapshot(layer: AdapterLayer) -> dict[str, torch.Tensor]:
-    """A copy of a layer's tensors, base and adapters (``safe_merge``'s undo; a merge may swap them)."""
-    return {k: v.detach().clone() for k, v in layer.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
-
-
-def _restore_base(layer: AdapterLayer, snapshot: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for key, tensor in layer.state_dict(keep_vars=True).items():
-            if key in snapshot:
-                tensor.copy_(snapshot[key])
