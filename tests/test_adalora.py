@@ -144,7 +144,10 @@ def test_transformers_trainer_runs_the_allocation(tmp_path):
         ({"total_step": 10, "target_r": 20}, "must not exceed init_r"),
         ({"total_step": 10, "beta1": 1.0}, r"beta1 must be in \(0, 1\)"),
         ({"total_step": 10, "use_dora": True}, "DoRA"),
-        ({"total_step": 10, "rank_pattern": {"x.lora_E": [1, 0]}}, "list of booleans"),
+        (
+            {"total_step": 10, "rank_pattern": {"x.lora_E": [1, 0]}},
+            "rank_pattern=.* is not a dict of str to list of bool",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(fields, message):

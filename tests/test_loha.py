@@ -114,13 +114,13 @@ def test_rank_and_alpha_patterns_apply_per_module_as_in_peft(tmp_path):
     ("fields", "message"),
     [
         ({"r": 0}, "r must be a positive integer"),
-        ({"r": 2.5}, "r must be a positive integer"),
+        ({"r": 2.5}, "r=2.5 is not a 64-bit int"),
         ({"rank_dropout": 1.0}, r"rank_dropout must be a probability in \[0, 1\)"),
         ({"module_dropout": -0.1}, "module_dropout"),
         ({"init_weights": "lycoris"}, "init_weights must be True or False"),
-        ({"alpha": "8"}, "alpha must be a number"),
+        ({"alpha": "8"}, "alpha=.8. is not a finite float"),
         ({"layers_pattern": "layers"}, "layers_pattern needs layers_to_transform"),
-        ({"target_modules": 3}, "target_modules must be a list"),
+        ({"target_modules": 3}, "target_modules=3 is not a list of str"),
     ],
 )
 def test_bad_configs_name_the_field(fields, message):

@@ -137,7 +137,7 @@ def test_moving_the_model_moves_the_projections_once():
         ({"projection_prng_key": -1}, "projection_prng_key must be a non-negative integer"),
         ({"vera_dropout": 1.5}, "vera_dropout must be a probability"),
         ({"bias": "lora_only"}, "bias must be 'none', 'all' or 'vera_only'"),
-        ({"save_projection": "yes"}, "save_projection must be True or False"),
+        ({"save_projection": "yes"}, "save_projection=.yes. is not a bool"),
     ],
 )
 def test_bad_configs_name_the_field(fields, message):

@@ -13,8 +13,12 @@ pickle-based ``.bin`` files, which can run arbitrary code when loaded.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -23,8 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune import engine
-from deltatune.atomic import file_mode, temporary_beside
-from deltatune.config import UNSAFE_WEIGHTS_NAME, WEIGHTS_NAME
+from deltatune.allocation import AllocationBudgetExceeded, adapter_loading_budget
+from deltatune.atomic import atomic_write_bytes, file_mode, temporary_beside
+from deltatune.config import CONFIG_NAME, UNSAFE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, PeftConfig
 
 PREFIX = "base_model.model."
 
@@ -37,8 +42,63 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file cannot be read at all (truncated, not safetensors, not a tensor dict)."""
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a safetensors file atomically, with PEFT's ``{"format": "pt"}`` metadata."""
+def save_adapter(tensors: dict[str, torch.Tensor], config: PeftConfig, directory: str | os.PathLike) -> None:
+    """Write an adapter folder: the weights, then the config, each replaced atomically.
+
+    A folder is two files, so the save holds :func:`folder_lock` exclusively: a reader that takes
+    it (:func:`read_adapter_folder`) sees the old pair or the new one, never one file of each.
+    """
+    directory = Path(directory)
+    with folder_lock(directory, exclusive=True):
+        save_tensors(tensors, directory / WEIGHTS_NAME)
+        atomic_write_bytes(directory / CONFIG_NAME, config.to_json_bytes())
+
+
+def read_adapter_folder(
+    directory: str | os.PathLike, allow_pickle: bool = False
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """An adapter folder's config and tensors, both from the same save (see :func:`save_adapter`)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    with folder_lock(directory, exclusive=False):
+        if not path.is_file():
+            raise ConfigError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
+        raw = path.read_bytes()
+        tensors = load_tensors(directory, allow_pickle)
+    return PeftConfig.from_json_bytes(raw, path), tensors
+
+
+@contextlib.contextmanager
+def folder_lock(directory: Path, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on an adapter folder: held exclusively by a save, shared by readers.
+
+    The lock file lives in the system's temporary folder (``deltatune-locks/<hash of the folder's
+    real path>.lock``), not beside the adapter, so that an adapter folder holds only PEFT's files
+    and can be uploaded as it is. A killed saver's lock goes with its process. A reader that finds
+    no lock file (no save here since the machine started) has nothing to wait for.
+    """
+    key = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:32]
+    lock = Path(tempfile.gettempdir()) / "deltatune-locks" / f"{key}.lock"
+    try:
+        if exclusive:
+            lock.parent.mkdir(mode=0o1777, exist_ok=True)
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
+        else:
+            fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        yield  # a lock this process may not create or open cannot protect it: read or write unguarded
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically, with PEFT's ``{"format": "pt"}`` metadata (and ``metadata``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temporary_beside(path)
@@ -46,7 +106,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> N
     try:
         # safetensors refuses shared or strided storage: give each tensor its own contiguous copy.
         plain = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
-        save_file(plain, tmp, metadata={"format": "pt"})
+        save_file(plain, tmp, metadata={"format": "pt", **(metadata or {})})
         os.chmod(tmp, file_mode())  # safetensors writes the file anew
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -62,9 +122,10 @@ def load_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> di
     safe = directory / WEIGHTS_NAME
     if safe.is_file():
         try:
-            return load_file(str(safe), device="cpu")
-        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            tensors = load_file(str(safe), device="cpu")
+        except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, OverflowError) as err:
             raise CorruptCheckpointError(f"{safe} is corrupt or truncated and cannot be read ({err})") from err
+        return check_adapter_tensors(tensors, safe)
     unsafe = directory / UNSAFE_WEIGHTS_NAME
     if unsafe.is_file():
         if not allow_pickle:
@@ -76,10 +137,52 @@ def load_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> di
             state = torch.load(unsafe, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a bad pickle
             raise CorruptCheckpointError(f"{unsafe} is corrupt or not a tensor dict ({err})") from err
-        if not isinstance(state, dict):
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise CorruptCheckpointError(f"{unsafe} holds a {type(state).__name__}, not a dict of tensors")
-        return state
+        return check_adapter_tensors(state, unsafe)
     raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}: is this an adapter directory?")
+
+
+@contextlib.contextmanager
+def loading_guard(model: nn.Module, directory: str | os.PathLike) -> Iterator[None]:
+    """Build and load an adapter from ``directory`` within the memory its files can justify
+    (:mod:`deltatune.allocation`): a crafted config that asks for more is refused, naming the file."""
+    directory = Path(directory)
+    config = directory / CONFIG_NAME
+    files = [config, directory / WEIGHTS_NAME, directory / UNSAFE_WEIGHTS_NAME]
+    try:
+        with adapter_loading_budget(model, files, f"the adapter in {directory}"):
+            yield
+    except AllocationBudgetExceeded as err:
+        raise CheckpointError(f"{config}: {err}") from None
+    except (ConfigError, CheckpointError, engine.TargetModuleError) as err:
+        if str(directory) in str(err):
+            raise
+        raise type(err)(f"{config}: {err}") from err
+    except (RuntimeError, TypeError, ValueError, LookupError, ArithmeticError) as err:
+        # The model was fine before: whatever failed, failed on what the file says.
+        raise CheckpointError(
+            f"{config}: the adapter could not be built from this config ({type(err).__name__}: {err})"
+        ) from err
+
+
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Refuse tensors no adapter holds: integer, boolean or 8-bit float ones (a corrupt or crafted
+    file; copied into float weights they would load as garbage), and NaN or infinite values (a
+    diverged run; every output of the adapted model would be NaN)."""
+    for key, tensor in tensors.items():
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise CorruptCheckpointError(
+                f"{source}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter weights "
+                "are float16, bfloat16, float32 or float64, so the file is corrupt or not an adapter"
+            )
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        if bad:
+            raise CorruptCheckpointError(
+                f"{source}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the run that "
+                "saved it diverged (retrain, or resume from an earlier checkpoint)"
+            )
+    return tensors
 
 
 def adapter_state_dict(

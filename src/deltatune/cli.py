@@ -232,6 +232,13 @@ def data_options(f: Any, evaluation_only: bool = False) -> Any:
             help="What to do with an input longer than --max-length.",
         ),
         click.option(
+            "--on-nan",
+            type=click.Choice(["stop", "skip"]),
+            default="stop",
+            help="A step whose loss is NaN or infinite: stop the run, naming the step and its records "
+            "(the last checkpoint is kept), or skip the step's update and go on.",
+        ),
+        click.option(
             "--on-bad-row",
             type=click.Choice(["error", "skip"]),
             default="error",

@@ -320,7 +320,8 @@ def _last_step(metrics: Path) -> str:
 # -- rows -----------------------------------------------------------------------------------------
 def _validation(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "split" not in r], [r for r in rows if r.get("split") == "validation"]
+    train = [r for r in rows if "split" not in r and r.get("loss") is not None]  # a skipped NaN step has none
+    return train, [r for r in rows if r.get("split") == "validation"]
 
 
 def final_validation(output: Path, sub: SubRun) -> float | None:

@@ -15,10 +15,12 @@ import enum
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from deltatune.atomic import atomic_write_bytes
+from deltatune.field_types import wrong_field_types
 
 if TYPE_CHECKING:
     from torch import nn
@@ -76,6 +78,10 @@ PEFT_BOOKKEEPING_FIELDS = frozenset(
 )
 
 
+# Fields that hold a regex when they are a string (or, for the patterns, in their keys).
+REGEX_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "rank_pattern", "alpha_pattern")
+
+
 class ConfigError(ValueError):
     """A config that cannot describe a valid adapter; the message says which field and why."""
 
@@ -113,6 +119,25 @@ class PeftConfig:
     )
 
     def __post_init__(self) -> None:
+        problems = wrong_field_types(self)
+        if problems:
+            raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))
+        layers = getattr(self, "layers_to_transform", None)
+        if layers is not None and any(i < 0 for i in ([layers] if isinstance(layers, int) else layers)):
+            raise ConfigError(f"{type(self).__name__}.layers_to_transform: layer indices start at 0, got {layers!r}")
+        if layers is not None and not isinstance(layers, int) and not layers:
+            raise ConfigError(
+                f"{type(self).__name__}.layers_to_transform=[] selects no layer; leave it None to adapt every layer"
+            )
+        for name in REGEX_FIELDS:
+            value = getattr(self, name, None)
+            for pattern in [value] if isinstance(value, str) else value if isinstance(value, dict) else []:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(
+                        f"{type(self).__name__}.{name}: {pattern!r} is not a valid regex ({err})"
+                    ) from None
         if self.peft_type is not None:
             self.peft_type = PeftType(str(self.peft_type))
         if self.task_type is not None:
@@ -156,9 +181,12 @@ class PeftConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` (sorted keys, indent 2, as PEFT) atomically into ``directory``."""
         path = Path(directory) / CONFIG_NAME
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write_bytes(path, self.to_json_bytes())
         return path
+
+    def to_json_bytes(self) -> bytes:
+        """The ``adapter_config.json`` file's bytes (sorted keys, indent 2, as PEFT)."""
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PeftConfig:
@@ -194,13 +222,26 @@ class PeftConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise ConfigError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
+        return cls.from_json_bytes(path.read_bytes(), path)
+
+    @classmethod
+    def from_json_bytes(cls, raw: bytes, path: Path) -> PeftConfig:
+        """Parse the bytes of ``adapter_config.json`` read from ``path`` (named in errors)."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); the file is corrupt") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object")
         return cls.from_dict(data, source=str(path))
+
+
+def require_positive(config: PeftConfig, *names: str) -> None:
+    """Refuse a size field of ``config`` that is set but below 1 (a count, a width, a rank)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{type(config).__name__}.{name} must be at least 1, got {value!r}")
 
 
 # peft_type -> the config class that reads it; deltatune.registry.register_method fills it, so that

@@ -80,6 +80,8 @@ def _checked(messages: Any, column: str) -> list[dict[str, str]]:
         if not isinstance(content, str) or not content.strip():
             raise BadConversation(f"message {number} ({role}) has empty or non-text content")
         out.append({"role": role, "content": content})
+    if out[0]["role"] == "assistant":
+        raise BadConversation("message 1 is an assistant message; a conversation opens with a user or system message")
     if not any(m["role"] == "assistant" for m in out):
         raise BadConversation("no assistant message: nothing to learn from this conversation")
     return out

@@ -26,6 +26,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -432,6 +433,9 @@ def records_of(data: Any) -> list[dict[str, Any]]:
 
 
 def _is_empty(value: Any) -> bool:
+    """A missing value: None, blank text, or NaN (how Parquet and pandas write a missing number)."""
+    if isinstance(value, float) and math.isnan(value):
+        return True
     return value is None or (isinstance(value, str) and not value.strip())
 
 

@@ -596,8 +596,7 @@ class PeftModel(nn.Module):
             state.update(shared_state.state_dict(self.base_model, name))
             if not is_main_process:  # it still took part in gathering sharded tensors above
                 continue
-            checkpoint.save_tensors(state, target / checkpoint.WEIGHTS_NAME)
-            config.save_pretrained(target)
+            checkpoint.save_adapter(state, config, target)
 
     def save_as_lora(self, save_directory: str | os.PathLike, rank: int, adapter_name: str = "default") -> LoraExport:
         """Write a weight-delta adapter (any method) as a rank-``rank`` LoRA adapter, for servers that
@@ -617,14 +616,15 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Load a saved adapter (deltatune's or HF PEFT's) onto ``model``."""
         directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
-        config = config if config is not None else PeftConfig.from_pretrained(directory)
-        config = dataclasses.replace(config, inference_mode=not is_trainable).for_loading()
-        peft_model = cls(model, config, adapter_name)
-        try:
-            peft_model._load_weights(directory, adapter_name, allow_pickle)
-        except Exception:
-            peft_model.unload()  # give the user's model back unwrapped
-            raise
+        saved, state = checkpoint.read_adapter_folder(directory, allow_pickle) if config is None else (config, None)
+        config = dataclasses.replace(saved, inference_mode=not is_trainable).for_loading()
+        with checkpoint.loading_guard(model, directory):
+            peft_model = cls(model, config, adapter_name)
+            try:
+                peft_model._load_weights(directory, adapter_name, allow_pickle, state)
+            except Exception:
+                peft_model.unload()  # give the user's model back unwrapped
+                raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -643,7 +643,8 @@ class PeftModel(nn.Module):
         resumes a run this way), the saved weights replace its own: same method and shapes only.
         """
         directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
-        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        saved, state = checkpoint.read_adapter_folder(directory, allow_pickle)
+        config = dataclasses.replace(saved, inference_mode=not is_trainable)
         if adapter_name in self.peft_config:
             own = self.peft_config[adapter_name]
             if type(own) is not type(config):
@@ -651,17 +652,18 @@ class PeftModel(nn.Module):
                     f"{directory} holds a {config.peft_type} adapter; adapter {adapter_name!r} here is "
                     f"{own.peft_type}: load it under another name"
                 )
-            self._load_weights(directory, adapter_name, allow_pickle)
+            self._load_weights(directory, adapter_name, allow_pickle, state)
             return
-        self.add_adapter(adapter_name, config.for_loading())
-        try:
-            self._load_weights(directory, adapter_name, allow_pickle)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+        with checkpoint.loading_guard(self.base_model, directory):
+            self.add_adapter(adapter_name, config.for_loading())
+            try:
+                self._load_weights(directory, adapter_name, allow_pickle, state)
+            except Exception:
+                self.delete_adapter(adapter_name)
+                raise
 
-    def _load_weights(self, directory: Path, adapter_name: str, allow_pickle: bool) -> None:
-        state = checkpoint.load_tensors(directory, allow_pickle=allow_pickle)
+    def _load_weights(self, directory: Path, adapter_name: str, allow_pickle: bool, state: dict | None = None) -> None:
+        state = state if state is not None else checkpoint.load_tensors(directory, allow_pickle=allow_pickle)
         state = shared_state.load(self.base_model, state, adapter_name, directory)
         if adapter_name in self.prompt_encoder:
             own = {k: v for k, v in state.items() if not k.startswith(PROMPT_LEARNING_PREFIX)}

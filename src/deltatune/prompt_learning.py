@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import ConfigError, PeftConfig, TaskType
+from deltatune.config import ConfigError, PeftConfig, TaskType, require_positive
 from deltatune.model_info import context_length, text_config
 
 
@@ -69,6 +69,7 @@ class PromptLearningConfig(PeftConfig):
                 f"num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}: with no virtual "
                 "tokens there is nothing to train"
             )
+        require_positive(self, "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers")
 
     @property
     def is_prompt_learning(self) -> bool:

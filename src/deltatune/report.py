@@ -51,7 +51,8 @@ class ProgressReporter:
         if "split" in record:
             self.bar.console.print(f"step {record['step']} validation: {short_metrics(record)}", highlight=False)
             return
-        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
+        loss = "skipped (NaN)" if record["loss"] is None else f"{record['loss']:.4f}"
+        info = f"loss {loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
         self.bar.update(self.task_id, completed=record["step"], info=info)
         if not self.bar.console.is_terminal and (record["step"] % 10 == 0 or record["step"] == total):
             self.bar.console.print(f"step {record['step']}/{total}  {info}", highlight=False)
@@ -69,7 +70,7 @@ def plot_curves(metrics_file: Path, image: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "split" not in r]
+    train = [r for r in rows if "split" not in r and r.get("loss") is not None]  # a skipped NaN step has none
     evals = [r for r in rows if r.get("split") == "validation"]
     figure, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 6, 4), squeeze=False)
     axes[0][0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)

@@ -38,6 +38,7 @@ from deltatune.run_config import RunConfig
 from deltatune.run_data import choose_task, hold_out, limit, load_split, packed, required_columns
 from deltatune.run_folder import (
     ADAPTER_DIR,
+    LATEST,
     MODEL_DIR,
     TaskSpec,
     check_output,
@@ -133,7 +134,7 @@ def task_spec(kind: str, records: list[dict[str, Any]], options: dict[str, Any],
     )
     if kind not in ("label-generation", "seq-cls"):
         return spec
-    spec.labels = LabelSpace.from_records(records, spec.label_column).names
+    spec.labels = LabelSpace.from_records(records, spec.label_column, source=str(options.get("data", "data"))).names
     builtin = datasets.BUILTIN_DATASETS.get(options.get("data", ""))
     if kind == "seq-cls" and builtin is not None and builtin.label_words:
         spec.label_words = list(builtin.label_words)  # a classifier does not answer them; they name the labels
@@ -192,7 +193,19 @@ def _check_instruction(instruction: str) -> None:
 
 def build_task(kind: str, tokenizer: Any, records: list[dict[str, Any]], options: dict[str, Any]) -> Task:
     """The task for ``kind`` from training records and options (labels from the records)."""
-    return make_task(task_spec(kind, records, options, None), tokenizer, options.get("on_long", "truncate"))
+    spec = task_spec(kind, records, options, None)
+    return task_from_data(spec, tokenizer, options.get("on_long", "truncate"), str(options.get("data", "data")))
+
+
+def task_from_data(spec: TaskSpec, tokenizer: Any, on_long: str, source: str) -> Task:
+    """The task; a problem with what the data make of it (label words the tokenizer cannot tell apart)
+    names the data file."""
+    try:
+        return make_task(spec, tokenizer, on_long)
+    except datasets.DataError as err:
+        if source in str(err):
+            raise
+        raise datasets.DataError(f"{source}: {err}") from None
 
 
 def load_for_task(
@@ -233,6 +246,8 @@ def run_training(options: Mapping[str, Any] | RunConfig, given: Collection[str] 
                 remove_failed_output(output, created)
                 if isinstance(err, KeyboardInterrupt) and output.is_dir():
                     _mark_status(output, "interrupted")
+                elif (output / LATEST).is_file():  # stopped with its checkpoints kept (a NaN loss, a full disk)
+                    _mark_status(output, "failed")
             raise
 
 
@@ -274,7 +289,7 @@ def _train(
     train_records = limit(train_records, config.max_train)
     spec = task_spec(task_kind, train_records, config, model_record(config.model))
     model, tokenizer, device, precision = _load_model(config, task_kind, spec, dist_env, say)
-    task = make_task(spec, tokenizer, config.on_long)
+    task = task_from_data(spec, tokenizer, config.on_long, str(config.data))
     if task_kind == "label-generation":  # what the task resolved (default prompt, label words) is what is saved
         spec.label_words, spec.instruction = list(task.words), task.instruction
     splits = _encode_splits(config, task, train_records, train_name, columns, say)
@@ -321,6 +336,7 @@ def _train(
             "trainable_percent": 100 * trainable / total,
             "steps": result["steps"],
             "stopped_early": result["stopped_early"],
+            "skipped_non_finite_steps": result["skipped_steps"],
             "train_examples_seen": result["steps"] * trainer.global_batch,
             "train_seconds": result["train_seconds"],
             "tokens_per_s": result["train_tokens"] * dist_env.world / max(result["train_seconds"], 1e-9),
@@ -460,6 +476,7 @@ def _train_args(config: RunConfig, output: Path, precision: str) -> TrainArgs:
         schedule=config.schedule,
         weight_decay=config.weight_decay,
         clip=config.clip or None,
+        on_nan=config.on_nan,
         seed=config.seed,
         eval_every=config.eval_every or None,
         save_every=config.save_every or None,

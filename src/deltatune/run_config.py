@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("auto", "label-generation", "causal-lm", "seq-cls", "seq2seq"),
     "on_long": ("truncate", "skip", "error"),
     "on_bad_row": ("error", "skip"),
+    "on_nan": ("stop", "skip"),
     "schedule": ("linear", "cosine", "constant"),
     "optim": ("adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw8bit"),
     "device": ("auto", "cpu", "cuda"),
@@ -125,6 +126,7 @@ class RunConfig(Mapping[str, Any]):
     batch_size: int = 8
     grad_accum: int = 1
     clip: float = 1.0
+    on_nan: str = "stop"
     weight_decay: float = 0.0
     loraplus_ratio: float | None = None
     seed: int = 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -45,6 +46,7 @@ class Example:
     decoder_labels: list[int] | None = None  # seq2seq targets
     position_ids: list[int] | None = None  # packed rows (deltatune.packing): restart at each example
     packed: int = 1  # how many examples the row holds
+    record: int | None = None  # the 1-based record it was encoded from (named when its loss is NaN)
 
     @property
     def units(self) -> int:
@@ -62,10 +64,19 @@ class LabelSpace:
     names: list[str]
 
     @classmethod
-    def from_records(cls, records: Sequence[dict[str, Any]], column: str = "label") -> LabelSpace:
+    def from_records(cls, records: Sequence[dict[str, Any]], column: str = "label", source: str = "data") -> LabelSpace:
+        for row, record in enumerate(records, 1):
+            value = record.get(column)
+            if not _is_label(value):
+                raise DataError(
+                    f"{source}: row {row}: label {value!r} in column {column!r} is not a label (text, a whole "
+                    "number or true/false); fix the row"
+                )
         values = sorted({_label_key(r[column]) for r in records if r.get(column) is not None}, key=_sort_key)
         if len(values) < 2:
-            raise DataError(f"column {column!r} has {len(values)} distinct label(s); classification needs at least 2")
+            raise DataError(
+                f"{source}: column {column!r} has {len(values)} distinct label(s); classification needs at least 2"
+            )
         return cls([str(v) for v in values])
 
     def index(self, value: Any, where: str) -> int:
@@ -75,10 +86,16 @@ class LabelSpace:
         return self.names.index(key)
 
 
+def _is_label(value: Any) -> bool:
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def _label_key(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):  # "²".isdigit(), but not int("²")
         return int(value.strip())
     return value.strip() if isinstance(value, str) else value
 
@@ -111,6 +128,7 @@ class Task:
         for number, record in enumerate(records, start=1):
             example = self.encode_one(record, f"{source}: record {number}")
             if example is not None:
+                example.record = number
                 examples.append(example)
         if not examples:
             raise DataError(f"{source}: no usable records")
@@ -245,7 +263,7 @@ class LabelGeneration(Task):
         numbers = all(w.strip().lstrip("-").isdigit() for w in self.words)
         self.instruction = instruction or (
             "Classify the text as "
-            + " or ".join(self.words)
+            + " or ".join(w.replace("{", "{{").replace("}", "}}") for w in self.words)  # the text goes in {text}
             + (". Answer with the number only." if numbers else ". Answer with one word.")
             + "\n\nText: {text}"
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -47,6 +48,8 @@ from deltatune.peft_model import PeftModel
 from deltatune.run_folder import LATEST
 from deltatune.tasks import Example, Task
 
+logger = logging.getLogger("deltatune")
+
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw8bit")
 
 
@@ -64,6 +67,7 @@ class TrainArgs:
     schedule: str = "linear"  # linear | cosine | constant
     weight_decay: float = 0.0
     clip: float | None = 1.0
+    on_nan: str = "stop"  # a non-finite loss: stop (NonFiniteLossError) or skip the step's update
     seed: int = 0
     eval_every: float | None = None  # steps between validations; a fraction of the steps when < 1
     save_every: int | None = None
@@ -92,6 +96,8 @@ class TrainArgs:
             raise ValueError(f"save_total_limit must be at least 1, got {self.save_total_limit}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.on_nan not in ("stop", "skip"):
+            raise ValueError(f"on_nan must be 'stop' or 'skip', got {self.on_nan!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.eval_every is not None and self.eval_every >= 1 and self.eval_every != int(self.eval_every):
@@ -278,6 +284,7 @@ class Trainer:
         self.step = 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
+        self.skipped_steps: list[int] = []  # steps whose non-finite loss was skipped (on_nan="skip")
         self.train_tokens = 0
         self.train_seconds = 0.0
         self._plans: dict[int, list[list[int]]] = {}
@@ -323,6 +330,9 @@ class Trainer:
                 # DDP averages over processes; the loss is a global sum. The scaler is a no-op but for fp16.
                 self.scaler.scale(loss * self.dist.world).backward()
             loss_total += float(loss.detach())
+        if self.dist.all_sum(0.0 if math.isfinite(loss_total) else 1.0):  # every process decides alike
+            self._non_finite(examples, loss_total)
+            return math.nan
         self.scaler.unscale_(self.optimizer)  # true gradients for clipping and AdaLoRA's importances (fp16)
         if self.args.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
@@ -333,6 +343,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return self.dist.all_sum(loss_total)
+
+    def _non_finite(self, examples: list[Example], loss: float) -> None:
+        """A step whose loss is NaN or infinite: stop before its update reaches the weights, or (with
+        ``on_nan="skip"``) drop the update, count the step, and go on."""
+        records = ", ".join(str(e.record) for e in examples if e.record is not None) or "unknown"
+        what = f"step {self.step + 1}: the loss is {loss} on the batch of training records {records}"
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.args.on_nan == "stop":
+            kept = _latest_name(self.args.output)
+            raise NonFiniteLossError(
+                f"{what}; the run stopped before this update"
+                + (f" and its last checkpoint, {kept}, is kept" if kept else "")
+                + ". Lower --lr, keep --clip on, train in fp32, or check those records; --on-nan skip "
+                "drops such steps instead"
+            )
+        logger.warning("%s; its update is skipped (--on-nan skip)", what)
+        self.skipped_steps.append(self.step + 1)
+        self.step += 1
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -354,7 +382,7 @@ class Trainer:
                     self.train_seconds += time.perf_counter() - t0
                     record = {
                         "step": self.step,
-                        "loss": loss,
+                        "loss": loss if math.isfinite(loss) else None,  # strict JSON has no NaN
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "tokens_per_s": self.train_tokens * self.dist.world / max(self.train_seconds, 1e-9),
                         "elapsed_s": time.perf_counter() - started,
@@ -377,6 +405,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "train_tokens": self.train_tokens,
             "stopped_early": self.stopped_early,
+            "skipped_steps": list(self.skipped_steps),
         }
 
     def _patience_ran_out(self) -> bool:
@@ -419,13 +448,46 @@ class Trainer:
         final = output / name
         tmp = output / f".{name}.tmp"
         if self.dist.main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in output.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
-        save_trained(self.model, tmp / "trained", main=self.dist.main)
-        tensors, meta = _optimizer_to_flat(self.optimizer.state_dict())
+        try:
+            self._write_checkpoint(tmp)
+        except OSError as err:  # a full disk, a failing one: say so, and leave no half-written folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointSaveError(
+                f"could not save {name} in {output}: {err.strerror or err}; "
+                + (f"the last complete checkpoint, {_latest_name(output)}, is intact: " if _latest_name(output) else "")
+                + "make room and continue with --resume"
+            ) from err
         if not self.dist.main:
             self.dist.barrier()
             return None
+        if final.exists():  # saved again at the same step (Ctrl-C right after a save): swap, never delete first
+            aside = output / f".{name}.old.tmp"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        atomic_write_bytes(output / LATEST, name.encode())
+        kept = sorted(
+            (p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in kept[: max(0, len(kept) - self.args.save_total_limit)]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """The checkpoint's files into ``tmp``: trained tensors, optimizer and RNG state, then the
+        trainer state (every process gathers; the main process writes)."""
+        save_trained(self.model, tmp / "trained", main=self.dist.main)
+        tensors, meta = _optimizer_to_flat(self.optimizer.state_dict())
+        if not self.dist.main:
+            return
         tensors["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":  # dropout on a GPU draws from the device's generator
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -440,26 +502,16 @@ class Trainer:
             "global_batch": self.global_batch,
             "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
             "evaluations_without_gain": self.evaluations_without_gain,
+            "skipped_steps": self.skipped_steps,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_bytes(output / LATEST, name.encode())
-        kept = sorted(
-            (p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for old in kept[: max(0, len(kept) - self.args.save_total_limit)]:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        self.dist.barrier()
-        return final
 
     def load_checkpoint(self) -> bool:
-        pointer = self.args.output / LATEST
-        if not pointer.is_file():
+        folder = _complete_checkpoint(self.args.output)
+        if self.dist.main:
+            _remove_temporaries(self.args.output)
+        if folder is None:
             return False
-        folder = self.args.output / pointer.read_text().strip()
         state = json.loads((folder / "trainer_state.json").read_text())
         if state["global_batch"] != self.global_batch:
             raise ValueError(
@@ -481,8 +533,54 @@ class Trainer:
         if self.dist.main:
             _forget_steps_after(self.args.output / "metrics.jsonl", self.step)
         self.evaluations_without_gain = state.get("evaluations_without_gain", 0)
+        self.skipped_steps = list(state.get("skipped_steps", []))
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
         return True
+
+
+class NonFiniteLossError(ValueError):
+    """A training step's loss was NaN or infinite; the message names the step and its records."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the message says what is left."""
+
+
+def _latest_name(output: Path) -> str | None:
+    try:
+        return (output / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _remove_temporaries(output: Path) -> None:
+    """Delete the temporary files and folders (``.<name>.tmp``) a killed run left in its folder: only
+    atomic writes make them, and the run lock says no other writer is at work here."""
+    for leftover in sorted(output.rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _complete_checkpoint(output: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``checkpoint-latest`` names, or, if a kill left that
+    pointer naming a folder no longer there, the newest complete ``checkpoint-N`` (a folder only
+    gets that name once every file in it is written)."""
+    name = _latest_name(output)
+    if name is None:
+        return None
+    aside = output / f".{name}.old.tmp"  # a kill while a same-step save swapped it out
+    if not (output / name).exists() and (aside / "trainer_state.json").is_file():
+        os.replace(aside, output / name)
+    if (output / name / "trainer_state.json").is_file():
+        return output / name
+    steps = [int(p.name[11:]) for p in output.glob("checkpoint-*") if p.name[11:].isdigit()]
+    found = [output / f"checkpoint-{n}" for n in sorted(steps, reverse=True)]
+    folder = next((f for f in found if (f / "trainer_state.json").is_file()), None)
+    if folder is None:
+        raise CheckpointSaveError(f"{output / LATEST} names {name}, which is gone, and no complete checkpoint is left")
+    return folder
 
 
 def evaluate(

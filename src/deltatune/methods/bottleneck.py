@@ -135,8 +135,6 @@ def _matching(paths: Sequence[str], names: Sequence[str]) -> list[str]:
     return [p for p in paths if any(p == n or p.endswith("." + n) for n in names)]
 
 
-
-
 def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[InsertionPoint]:
     """The adapters' places for ``config.placement``; raises with a how-to when the search fails."""
     linear = engine.linear_types()
@@ -197,7 +195,12 @@ def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[In
     if not points:
         raise engine.TargetModuleError(
             "found no transformer blocks (children of an nn.ModuleList holding linear layers) in this model"
-            + (f" within layers {config.layers_to_transform}" if config.layers_to_transform is not None else "")
+            + (
+                f" within layers_to_transform={config.layers_to_transform}"
+                if config.layers_to_transform is not None
+                else ""
+            )
+            + (f" under layers_pattern={config.layers_pattern!r}" if config.layers_pattern else "")
             + "; name the modules with attn_output_modules= and ffn_output_modules= in BottleneckConfig"
         )
     return points

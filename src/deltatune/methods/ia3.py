@@ -139,7 +139,9 @@ class IA3Config(PeftConfig):
         table: entries outside ``target_modules``, which PEFT itself then refuses to load. Such a
         list becomes the regex that means the same (PEFT's list rule is "the path ends with it")."""
         targets, feedforward = data.get("target_modules"), data.get("feedforward_modules")
-        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+        lists = isinstance(targets, list) and isinstance(feedforward, list)
+        lists = lists and all(isinstance(entry, str) for entry in targets + feedforward)
+        if lists and not set(feedforward) <= set(targets):
             logger.warning(
                 "%s: feedforward_modules %s is not a subset of target_modules %s (PEFT fills it in from a "
                 "per-model table); reading it as the equivalent regex",

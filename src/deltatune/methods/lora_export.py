@@ -137,8 +137,7 @@ def save_as_lora(
         inference_mode=True,
     )
     directory = Path(save_directory)
-    checkpoint.save_tensors(state, directory / checkpoint.WEIGHTS_NAME)
-    config.save_pretrained(directory)
+    checkpoint.save_adapter(state, config, directory)
     report = LoraExport(path=directory, rank=rank, errors=errors)
     logger.info(
         "saved %s adapter %r as rank-%d LoRA in %s: relative error mean %.2e, largest %.2e (%s)",

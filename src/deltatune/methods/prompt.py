@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import ConfigError, PeftType
+from deltatune.config import ConfigError, PeftType, require_positive
 from deltatune.model_info import is_encoder_decoder
 from deltatune.prompt_learning import (
     InputAdapter,
@@ -108,6 +108,9 @@ class PromptEncoderConfig(PromptLearningConfig):
         if kind.upper() not in ("MLP", "LSTM"):
             raise ConfigError(f"encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}")
         self.encoder_reparameterization_type = kind.upper()
+        require_positive(self, "encoder_hidden_size", "encoder_num_layers")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ConfigError(f"encoder_dropout must be a probability in [0, 1), got {self.encoder_dropout!r}")
 
 
 class VirtualTokens(InputAdapter):
