@@ -265,3 +265,33 @@ def test_a_config_with_a_bad_field_is_refused_naming_it(peft_type):
         tally(f"invalid config: {peft_type}", accepted=True)
 
     refused()
+
+
+CONTRADICTIONS = {
+    "OFT r and block size": (lambda: dt.OFTConfig(r=4, oft_block_size=8), "oft_block_size"),
+    "BOFT block size and count": (lambda: dt.BOFTConfig(boft_block_size=4, boft_block_num=2), "boft_block_num"),
+    "AdaLoRA target above init": (lambda: dt.AdaLoraConfig(init_r=2, target_r=4, total_step=10), "target_r"),
+    "IA3 feed-forward outside targets": (
+        lambda: dt.IA3Config(target_modules=["q_proj"], feedforward_modules=["down_proj"]),
+        "feedforward_modules",
+    ),
+    "layers_pattern without layers": (lambda: dt.LoraConfig(layers_pattern="layers"), "layers_to_transform"),
+    "no target modules": (lambda: dt.VeraConfig(target_modules=[]), "target_modules"),
+    "DoRA with LoftQ": (lambda: dt.LoraConfig(use_dora=True, init_lora_weights="loftq"), "DoRA"),
+    "TEXT init without text": (
+        lambda: dt.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT"),
+        "prompt_tuning_init_text",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTRADICTIONS))
+def test_contradictory_options_are_refused_naming_them(case):
+    build, field = CONTRADICTIONS[case]
+    with pytest.raises(dt.ConfigError, match=field):
+        build()
+
+
+def test_an_unknown_field_is_refused_at_construction_naming_it():
+    with pytest.raises(TypeError, match="lora_rank"):
+        dt.LoraConfig(lora_rank=8)

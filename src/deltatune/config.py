@@ -125,6 +125,16 @@ class PeftConfig:
         layers = getattr(self, "layers_to_transform", None)
         if layers is not None and any(i < 0 for i in ([layers] if isinstance(layers, int) else layers)):
             raise ConfigError(f"{type(self).__name__}.layers_to_transform: layer indices start at 0, got {layers!r}")
+        if getattr(self, "layers_pattern", None) and layers is None:
+            raise ConfigError(
+                f"{type(self).__name__}.layers_pattern names where the layer indices are, so it needs "
+                "layers_to_transform (the indices to adapt)"
+            )
+        if getattr(self, "target_modules", None) == []:
+            raise ConfigError(
+                f"{type(self).__name__}.target_modules=[] selects no module; name some, or leave it None "
+                "for the method's default"
+            )
         if layers is not None and not isinstance(layers, int) and not layers:
             raise ConfigError(
                 f"{type(self).__name__}.layers_to_transform=[] selects no layer; leave it None to adapt every layer"

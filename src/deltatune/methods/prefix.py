@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import ConfigError, PeftType
+from deltatune.config import ConfigError, PeftType, require_positive
 from deltatune.model_info import cache_argument, is_encoder_decoder, text_config
 from deltatune.prompt_learning import (
     InputAdapter,
@@ -66,6 +66,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         if self.peft_type is None:
             self.peft_type = PeftType.PREFIX_TUNING
         super().__post_init__()
+        require_positive(self, "encoder_hidden_size")
 
     def fill_from_model(self, model: nn.Module) -> None:
         layers, heads, head_dim = attention_layout(model)
