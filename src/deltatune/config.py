@@ -127,8 +127,8 @@ class PeftConfig:
             raise ConfigError(f"{type(self).__name__}.layers_to_transform: layer indices start at 0, got {layers!r}")
         if getattr(self, "layers_pattern", None) and layers is None:
             raise ConfigError(
-                f"{type(self).__name__}.layers_pattern names where the layer indices are, so it needs "
-                "layers_to_transform (the indices to adapt)"
+                f"{type(self).__name__}: layers_pattern needs layers_to_transform (the layer indices to adapt); "
+                "layers_pattern only says where in the module paths those indices are"
             )
         if getattr(self, "target_modules", None) == []:
             raise ConfigError(
