@@ -531,6 +531,15 @@ def test_prompt_method_options_reach_the_adapter_config(assets, tmp_path, method
         torch.testing.assert_close(table, vocab[(ids * 4)[:4]].detach(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_modules_to_save_trains_a_module_next_to_the_virtual_tokens(assets, tmp_path, method):
+    out = tmp_path / method
+    args = ["--method", method, "--virtual-tokens", "4", "--modules-to-save", "norm"]
+    check_ok(invoke(*train_args(assets, out, "--max-steps", "1", "--no-test", *args)))
+    assert adapter_config(out)["modules_to_save"] == ["norm"]
+    assert any(k.endswith("model.norm.weight") for k in adapter_tensors(out / "adapter"))
+
+
 def test_an_option_for_another_method_is_reported(assets, tmp_path, caplog):
     args = train_args(assets, tmp_path / "out", "--method", "ia3", "--max-steps", "1", "--no-test", "--use-rslora")
     check_ok(invoke(*args))

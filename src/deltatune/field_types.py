@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import functools
 import math
+import numbers
 import types
 import typing
 from collections.abc import Sequence
@@ -50,12 +51,12 @@ def fits(value: Any, hint: Any) -> bool:
         return value in args
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:  # torch sizes and seeds are 64-bit
-        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    if hint is int:  # torch sizes and seeds are 64-bit; numpy's integers count
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and -(2**63) <= value < 2**63
     if hint is float:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return -(2**63) <= value < 2**63  # torch takes a Python int as a 64-bit one
-        return isinstance(value, float) and math.isfinite(value)  # a NaN scale makes every output NaN
+        return isinstance(value, numbers.Real) and math.isfinite(value)  # a NaN scale makes every output NaN
     if hint is str:
         return isinstance(value, str)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):

@@ -572,7 +572,8 @@ def _complete_checkpoint(output: Path) -> Path | None:
         return None
     aside = output / f".{name}.old.tmp"  # a kill while a same-step save swapped it out
     if not (output / name).exists() and (aside / "trainer_state.json").is_file():
-        os.replace(aside, output / name)
+        with contextlib.suppress(FileNotFoundError):  # another process of the run put it back first
+            os.replace(aside, output / name)
     if (output / name / "trainer_state.json").is_file():
         return output / name
     steps = [int(p.name[11:]) for p in output.glob("checkpoint-*") if p.name[11:].isdigit()]

@@ -247,7 +247,10 @@ PREFIX_TUNING = register_method(Method(PeftType.PREFIX_TUNING, PrefixTuningConfi
 register_training_defaults(
     "prefix",
     TrainingDefaults(
-        uses=("virtual_tokens", "virtual_init", "prefix_projection", "encoder_hidden_size", "prompt_init_text"),
+        uses=(
+            "virtual_tokens", "virtual_init", "prefix_projection", "encoder_hidden_size", "prompt_init_text",
+            "modules_to_save",
+        ),
         lr=5e-3,
         options={"virtual_tokens": 20, "prefix_projection": False, "virtual_init": "task"},
         tasks={"seq-cls": {"lr": 2e-2}},
@@ -257,6 +260,7 @@ register_training_defaults(
             prefix_projection=bool(options.get("prefix_projection")),
             encoder_hidden_size=options.get("encoder_hidden_size"),
             task_type=common["task_type"],
+            modules_to_save=common["modules_to_save"],
         ),
     ),
 )

@@ -305,7 +305,7 @@ P_TUNING = register_method(
 register_training_defaults(
     "prompt",
     TrainingDefaults(
-        uses=("virtual_tokens", "virtual_init", "prompt_init_text"),
+        uses=("virtual_tokens", "virtual_init", "prompt_init_text", "modules_to_save"),
         lr=3e-2,
         options={"virtual_tokens": 20, "virtual_init": "task"},
         tasks={"seq-cls": {"lr": 1e-1}},
@@ -315,13 +315,17 @@ register_training_defaults(
             num_virtual_tokens=options["virtual_tokens"],
             prompt_tuning_init={"vocab": "SAMPLE_VOCAB"}.get(options.get("virtual_init") or "", "RANDOM"),
             task_type=common["task_type"],
+            modules_to_save=common["modules_to_save"],
         ),
     ),
 )
 register_training_defaults(
     "ptuning",
     TrainingDefaults(
-        uses=("virtual_tokens", "virtual_init", "encoder_hidden_size", "encoder_type", "prompt_init_text"),
+        uses=(
+            "virtual_tokens", "virtual_init", "encoder_hidden_size", "encoder_type", "prompt_init_text",
+            "modules_to_save",
+        ),
         lr=1e-2,
         options={"virtual_tokens": 20, "virtual_init": "task", "encoder_hidden_size": 128},
         tasks={"seq-cls": {"lr": 3e-2, "encoder_type": "LSTM"}},
@@ -331,6 +335,7 @@ register_training_defaults(
             encoder_hidden_size=options.get("encoder_hidden_size") or 128,
             encoder_reparameterization_type=options.get("encoder_type") or "MLP",
             task_type=common["task_type"],
+            modules_to_save=common["modules_to_save"],
         ),
     ),
 )
