@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import deltatune.train as train
@@ -107,7 +109,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(assets, 
     tally("kill points", accepted=killed)
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, "safetensors"])
 def test_a_save_that_fails_says_so_leaves_nothing_half_written_and_resumes(
     assets, reference, tmp_path, monkeypatch, code
 ):
@@ -118,7 +120,9 @@ def test_a_save_that_fails_says_so_leaves_nothing_half_written_and_resumes(
     def failing(tensors, path, metadata=None):
         if ".checkpoint-6.tmp" in str(path):
             Path(path).write_bytes(b"partial")  # the disk filled up mid-file
-            raise OSError(code, __import__("os").strerror(code), str(path))
+            if code == "safetensors":  # how safetensors itself reports it
+                raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+            raise OSError(code, os.strerror(code), str(path))
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(train, "save_file", failing)

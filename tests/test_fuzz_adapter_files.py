@@ -294,3 +294,48 @@ def test_a_size_that_is_not_positive_is_refused_naming_the_field(saved, tmp_path
             dt.PeftModel.from_pretrained(tiny_model("llama"), folder)
         assert str(folder) in str(caught.value) and field in str(caught.value), str(caught.value)
         assert "could not be built" not in str(caught.value)
+
+
+# -- legitimate adapters the checks must not refuse ---------------------------------------------------
+def test_a_trained_batchnorm_copy_with_its_integer_step_count_reloads(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.head = torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.bn(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = dt.get_peft_model(Net(), dt.LoraConfig(r=2, target_modules=["fc"], modules_to_save=["bn"]))
+    model.train()(torch.randn(4, 8))  # the copy's running statistics and step count move
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = dt.PeftModel.from_pretrained(Net(), tmp_path)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: dt.PromptEncoderConfig(
+            task_type="SEQ_CLS", num_virtual_tokens=20, encoder_reparameterization_type="LSTM"
+        ),
+        lambda: dt.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, prefix_projection=True),
+    ],
+    ids=["p-tuning-lstm", "prefix-projection"],
+)
+def test_an_input_method_whose_encoder_is_not_saved_loads_within_the_budget(tmp_path, config):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(
+            BertConfig(vocab_size=99, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
+                       intermediate_size=1024, num_labels=2)
+        ).eval()  # fmt: skip
+
+    model = dt.get_peft_model(bert(), config())
+    model.save_pretrained(tmp_path)  # the file holds the encoder's output, not the encoder
+    dt.PeftModel.from_pretrained(bert(), tmp_path)

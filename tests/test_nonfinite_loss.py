@@ -74,3 +74,11 @@ def test_on_nan_skip_drops_the_step_and_goes_on(assets, tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["skipped_non_finite_steps"] == [3]
     assert all(torch.isfinite(t).all() for t in adapter_tensors(out / "adapter").values())
+
+
+def test_compare_progress_reads_a_skipped_step(tmp_path):
+    from deltatune.compare import _last_step
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 0.5, "lr": 0.1}\n{"step": 2, "loss": null, "lr": 0.1}\n')
+    assert _last_step(metrics) == "step 2, loss skipped (NaN)"

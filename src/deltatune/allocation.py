@@ -114,13 +114,17 @@ def _readable(n: int) -> str:
     return f"{n} B"
 
 
-def adapter_loading_budget(model: torch.nn.Module, files: list[Path], describe: str) -> AllocationBudget:
+def adapter_loading_budget(
+    model: torch.nn.Module, files: list[Path], describe: str, input_method: bool = False
+) -> AllocationBudget:
     """The budget for building and loading an adapter from ``files`` onto ``model``.
 
     An adapter's tensors are at most its files' size again (16x leaves room for a file stored in a
     narrower dtype and for the copies made while loading), plus what a method builds that is not
-    saved, sized by the base model (P-tuning's prompt encoder, VeRA's regenerated projections):
-    four times the base model's largest non-embedding parameter, and 1 MiB at least.
+    saved, sized by the base model: VeRA's regenerated projections, within four times the base
+    model's largest non-embedding parameter (1 MiB at least); and for an input method
+    (``input_method``) its prompt or prefix encoder, which the file does not hold (PEFT saves the
+    encoder's output), within the base model's own size.
     """
     file_bytes = sum(Path(f).stat().st_size for f in files if Path(f).is_file())
     largest = max(
@@ -132,4 +136,7 @@ def adapter_loading_budget(model: torch.nn.Module, files: list[Path], describe: 
         ),
         default=0,
     )
-    return AllocationBudget(16 * file_bytes + max(4 * largest, 1 << 20), describe)
+    allowance = max(4 * largest, 1 << 20)
+    if input_method:
+        allowance = max(allowance, sum(p.numel() * p.element_size() for p in model.parameters()))
+    return AllocationBudget(16 * file_bytes + allowance, describe)

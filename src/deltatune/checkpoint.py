@@ -32,6 +32,8 @@ from deltatune.atomic import atomic_write_bytes, file_mode, temporary_beside
 from deltatune.config import CONFIG_NAME, UNSAFE_WEIGHTS_NAME, WEIGHTS_NAME, ConfigError, PeftConfig
 
 PREFIX = "base_model.model."
+# Integer buffers a trained module copy (modules_to_save) saves with its weights: BatchNorm's step count.
+INTEGER_BUFFERS = ("num_batches_tracked",)
 
 
 class CheckpointError(ValueError):
@@ -81,7 +83,10 @@ def folder_lock(directory: Path, exclusive: bool) -> Iterator[None]:
     lock = Path(tempfile.gettempdir()) / "deltatune-locks" / f"{key}.lock"
     try:
         if exclusive:
-            lock.parent.mkdir(mode=0o1777, exist_ok=True)
+            if not lock.parent.is_dir():
+                lock.parent.mkdir(exist_ok=True)
+                with contextlib.suppress(OSError):  # sticky and open to all, as /tmp (the umask narrows mkdir)
+                    os.chmod(lock.parent, 0o1777)
             fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
         else:
             fd = os.open(lock, os.O_RDONLY)
@@ -106,7 +111,10 @@ def save_tensors(
     try:
         # safetensors refuses shared or strided storage: give each tensor its own contiguous copy.
         plain = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
-        save_file(plain, tmp, metadata={"format": "pt", **(metadata or {})})
+        try:
+            save_file(plain, tmp, metadata={"format": "pt", **(metadata or {})})
+        except SafetensorError as err:  # a full disk surfaces as safetensors' own error type
+            raise OSError(f"cannot write {path}: {err}") from err
         os.chmod(tmp, file_mode())  # safetensors writes the file anew
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -144,25 +152,28 @@ def load_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> di
 
 
 @contextlib.contextmanager
-def loading_guard(model: nn.Module, directory: str | os.PathLike) -> Iterator[None]:
+def loading_guard(model: nn.Module, directory: str | os.PathLike, config: PeftConfig) -> Iterator[None]:
     """Build and load an adapter from ``directory`` within the memory its files can justify
     (:mod:`deltatune.allocation`): a crafted config that asks for more is refused, naming the file."""
     directory = Path(directory)
-    config = directory / CONFIG_NAME
-    files = [config, directory / WEIGHTS_NAME, directory / UNSAFE_WEIGHTS_NAME]
+    config_file = directory / CONFIG_NAME
+    files = [config_file, directory / WEIGHTS_NAME, directory / UNSAFE_WEIGHTS_NAME]
     try:
-        with adapter_loading_budget(model, files, f"the adapter in {directory}"):
+        budget = adapter_loading_budget(model, files, f"the adapter in {directory}", config.is_prompt_learning)
+        with budget:
             yield
     except AllocationBudgetExceeded as err:
-        raise CheckpointError(f"{config}: {err}") from None
+        raise CheckpointError(f"{config_file}: {err}") from None
+    except (torch.OutOfMemoryError, NotImplementedError):
+        raise  # the machine or the device, not the file
     except (ConfigError, CheckpointError, engine.TargetModuleError) as err:
         if str(directory) in str(err):
             raise
-        raise type(err)(f"{config}: {err}") from err
+        raise type(err)(f"{config_file}: {err}") from err
     except (RuntimeError, TypeError, ValueError, LookupError, ArithmeticError) as err:
         # The model was fine before: whatever failed, failed on what the file says.
         raise CheckpointError(
-            f"{config}: the adapter could not be built from this config ({type(err).__name__}: {err})"
+            f"{config_file}: the adapter could not be built from this config ({type(err).__name__}: {err})"
         ) from err
 
 
@@ -171,6 +182,8 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], source: Path) -> dic
     file; copied into float weights they would load as garbage), and NaN or infinite values (a
     diverged run; every output of the adapted model would be NaN)."""
     for key, tensor in tensors.items():
+        if key.rsplit(".", 1)[-1] in INTEGER_BUFFERS and not tensor.is_floating_point():
+            continue
         if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise CorruptCheckpointError(
                 f"{source}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter weights "

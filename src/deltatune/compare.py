@@ -313,7 +313,8 @@ def _last_step(metrics: Path) -> str:
         except json.JSONDecodeError:  # a line being written
             continue
         if "split" not in row and "loss" in row:
-            return f"step {row['step']}, loss {row['loss']:.4f}"
+            loss = "skipped (NaN)" if row["loss"] is None else f"{row['loss']:.4f}"
+            return f"step {row['step']}, loss {loss}"
     return "loading"
 
 

@@ -618,7 +618,7 @@ class PeftModel(nn.Module):
         directory = _resolve_adapter_dir(model_id, kwargs.get("subfolder"))
         saved, state = checkpoint.read_adapter_folder(directory, allow_pickle) if config is None else (config, None)
         config = dataclasses.replace(saved, inference_mode=not is_trainable).for_loading()
-        with checkpoint.loading_guard(model, directory):
+        with checkpoint.loading_guard(model, directory, config):
             peft_model = cls(model, config, adapter_name)
             try:
                 peft_model._load_weights(directory, adapter_name, allow_pickle, state)
@@ -654,7 +654,7 @@ class PeftModel(nn.Module):
                 )
             self._load_weights(directory, adapter_name, allow_pickle, state)
             return
-        with checkpoint.loading_guard(self.base_model, directory):
+        with checkpoint.loading_guard(self.base_model, directory, config):
             self.add_adapter(adapter_name, config.for_loading())
             try:
                 self._load_weights(directory, adapter_name, allow_pickle, state)

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -453,10 +454,10 @@ class Trainer:
             tmp.mkdir(parents=True)
         try:
             self._write_checkpoint(tmp)
-        except OSError as err:  # a full disk, a failing one: say so, and leave no half-written folder
+        except (OSError, SafetensorError) as err:  # a full disk, a failing one: say so, leave nothing half-written
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointSaveError(
-                f"could not save {name} in {output}: {err.strerror or err}; "
+                f"could not save {name} in {output}: {getattr(err, 'strerror', None) or err}; "
                 + (f"the last complete checkpoint, {_latest_name(output)}, is intact: " if _latest_name(output) else "")
                 + "make room and continue with --resume"
             ) from err
