@@ -29,11 +29,12 @@ def truncate(path: str | Path) -> None:
 
 def install(fault: str, at: int) -> None:
     import deltatune.checkpoint as checkpoint
+    import deltatune.run_checkpoint as run_checkpoint
     import deltatune.train as train
 
     folder = f".checkpoint-{at}.tmp"
     real_replace, real_save_file, real_rmtree = os.replace, train.save_file, shutil.rmtree
-    real_save_tensors, real_write = checkpoint.save_tensors, train.atomic_write_bytes
+    real_save_tensors, real_write = checkpoint.save_tensors, run_checkpoint.atomic_write_bytes
 
     if fault == "before-rename":  # every file of the checkpoint written, the folder not yet renamed
 
@@ -71,7 +72,7 @@ def install(fault: str, at: int) -> None:
                 os.replace = lambda src, dst, *a, **k: die()  # its temporary file written, not renamed
             return real_write(path, data)
 
-        train.atomic_write_bytes = write
+        run_checkpoint.atomic_write_bytes = write
     elif fault == "rotation":  # the old checkpoint half deleted
 
         def rmtree(path, *args, **kwargs):

@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import deltatune.train as train
-from deltatune.train import LATEST
+from deltatune.run_checkpoint import complete_checkpoint
+from deltatune.run_folder import LATEST
 from fuzz_helpers import EXAMPLES, tally, write_report
 from tiny_assets import ROOT, adapter_tensors, check_ok, invoke, session_assets, subprocess_env, train_args
 
@@ -67,7 +68,7 @@ def reference(assets, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def assert_intact(out: Path) -> None:
     """What a reader (or --resume) finds: the pointer names a whole checkpoint, or a kill's fallback."""
-    folder = train._complete_checkpoint(out)
+    folder = complete_checkpoint(out)
     if folder is None:
         return
     state = json.loads((folder / "trainer_state.json").read_text())

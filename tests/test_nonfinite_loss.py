@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from deltatune.run_folder import LATEST
 from deltatune.tasks import LabelGeneration
-from deltatune.train import LATEST
 from tiny_assets import adapter_tensors, check_ok, invoke, read_jsonl, session_assets, train_args
 
 FLAGS = ("--max-steps", "8", "--save-every", "2", "--batch-size", "8")

@@ -18,8 +18,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 import deltatune as dt
 from deltatune.integrations import AdapterTrainer, SaveAdapterCallback
+from deltatune.run_folder import LATEST
 from deltatune.train import (
-    LATEST,
     TrainArgs,
     compile_blocks,
     enable_gradient_checkpointing,

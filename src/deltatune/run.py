@@ -554,7 +554,7 @@ def _fit(
 def export_trained(model: nn.Module, folder: Path, main: bool, tokenizer: Any, spec: TaskSpec) -> None:
     """An adapter folder (PEFT's layout), or for a full fine-tune a transformers model folder
     (config, tokenizer, each weight once); either with the task spec. Every process calls this."""
-    from deltatune.train import gathered_state
+    from deltatune.run_checkpoint import gathered_state
 
     folder = Path(folder)
     if isinstance(model, PeftModel):

@@ -9,8 +9,8 @@ gradient accumulation all compute the same gradients for the same global batch.
 
 A checkpoint (every ``save_every`` steps, on Ctrl-C and at the end) holds the trained tensors, the
 optimizer state and the RNG state in safetensors plus a JSON file with the step: the data
-position follows from the step, so ``resume`` continues exactly where the run stopped. Checkpoints
-are written to a temporary folder and renamed, so a crash never leaves a half-written one.
+position follows from the step, so ``resume`` continues exactly where the run stopped. How the
+folders are written, put in place and found again is :mod:`deltatune.run_checkpoint`'s.
 
 Mixed precision (``precision`` bf16 or fp16) runs the forward pass and the loss under
 ``torch.autocast``: matrix products in the low precision, weights, gradients and the optimizer
@@ -42,11 +42,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.atomic import atomic_write_bytes
+from deltatune import run_checkpoint
 from deltatune.model_info import find_blocks
 from deltatune.optimizers import loraplus_param_groups
 from deltatune.peft_model import PeftModel
-from deltatune.run_folder import LATEST
 from deltatune.tasks import Example, Task
 
 logger = logging.getLogger("deltatune")
@@ -250,7 +249,7 @@ class Trainer:
         export: Callable[[nn.Module, Path, bool], None] | None = None,
     ) -> None:
         self.model, self.task, self.train_examples, self.args = model, task, train, args
-        self.export = export or save_trained  # how best/ is written
+        self.export = export or run_checkpoint.save_trained  # how best/ is written
         self.metric = args.metric_for_best or task.main_metric
         self.higher_is_better = task.higher_is_better if self.metric == task.main_metric else _higher(self.metric)
         self.evaluations_without_gain = 0
@@ -352,7 +351,7 @@ class Trainer:
         what = f"step {self.step + 1}: the loss is {loss} on the batch of training records {records}"
         self.optimizer.zero_grad(set_to_none=True)
         if self.args.on_nan == "stop":
-            kept = _latest_name(self.args.output)
+            kept = run_checkpoint.latest_name(self.args.output)
             raise NonFiniteLossError(
                 f"{what}; the run stopped before this update"
                 + (f" and its last checkpoint, {kept}, is kept" if kept else "")
@@ -446,7 +445,6 @@ class Trainer:
         """Every process takes part (sharded tensors are gathered); the main process writes."""
         output = self.args.output
         name = f"checkpoint-{self.step}"
-        final = output / name
         tmp = output / f".{name}.tmp"
         if self.dist.main:
             for stale in output.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
@@ -456,37 +454,24 @@ class Trainer:
             self._write_checkpoint(tmp)
         except (OSError, SafetensorError) as err:  # a full disk, a failing one: say so, leave nothing half-written
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointSaveError(
+            kept = run_checkpoint.latest_name(output)
+            raise run_checkpoint.CheckpointSaveError(
                 f"could not save {name} in {output}: {getattr(err, 'strerror', None) or err}; "
-                + (f"the last complete checkpoint, {_latest_name(output)}, is intact: " if _latest_name(output) else "")
+                + (f"the last complete checkpoint, {kept}, is intact: " if kept else "")
                 + "make room and continue with --resume"
             ) from err
         if not self.dist.main:
             self.dist.barrier()
             return None
-        if final.exists():  # saved again at the same step (Ctrl-C right after a save): swap, never delete first
-            aside = output / f".{name}.old.tmp"
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        atomic_write_bytes(output / LATEST, name.encode())
-        kept = sorted(
-            (p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for old in kept[: max(0, len(kept) - self.args.save_total_limit)]:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        final = run_checkpoint.commit(output, tmp, name, self.args.save_total_limit)
         self.dist.barrier()
         return final
 
     def _write_checkpoint(self, tmp: Path) -> None:
         """The checkpoint's files into ``tmp``: trained tensors, optimizer and RNG state, then the
         trainer state (every process gathers; the main process writes)."""
-        save_trained(self.model, tmp / "trained", main=self.dist.main)
-        tensors, meta = _optimizer_to_flat(self.optimizer.state_dict())
+        run_checkpoint.save_trained(self.model, tmp / "trained", main=self.dist.main)
+        tensors, meta = run_checkpoint.optimizer_to_flat(self.optimizer.state_dict())
         if not self.dist.main:
             return
         tensors["rng.torch"] = torch.get_rng_state()
@@ -508,9 +493,9 @@ class Trainer:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self) -> bool:
-        folder = _complete_checkpoint(self.args.output)
+        folder = run_checkpoint.complete_checkpoint(self.args.output)
         if self.dist.main:
-            _remove_temporaries(self.args.output)
+            run_checkpoint.remove_temporaries(self.args.output)
         if folder is None:
             return False
         state = json.loads((folder / "trainer_state.json").read_text())
@@ -521,7 +506,7 @@ class Trainer:
             )
         if any(hasattr(p, "full_tensor") for p in self.params):
             raise ValueError("resuming an FSDP run is not supported yet; resume it without --fsdp")
-        load_trained(self.model, folder / "trained")
+        run_checkpoint.load_trained(self.model, folder / "trained")
         tensors = load_file(str(folder / "optimizer.safetensors"))
         torch.set_rng_state(tensors.pop("rng.torch"))
         cuda_rng = tensors.pop("rng.cuda", None)
@@ -529,10 +514,10 @@ class Trainer:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         if state.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
-        self.optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
+        self.optimizer.load_state_dict(run_checkpoint.optimizer_from_flat(tensors, state["optimizer"]))
         self.step, self.best = state["step"], state["best"]
         if self.dist.main:
-            _forget_steps_after(self.args.output / "metrics.jsonl", self.step)
+            run_checkpoint.forget_steps_after(self.args.output / "metrics.jsonl", self.step)
         self.evaluations_without_gain = state.get("evaluations_without_gain", 0)
         self.skipped_steps = list(state.get("skipped_steps", []))
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
@@ -541,48 +526,6 @@ class Trainer:
 
 class NonFiniteLossError(ValueError):
     """A training step's loss was NaN or infinite; the message names the step and its records."""
-
-
-class CheckpointSaveError(OSError):
-    """A checkpoint could not be written (full disk, I/O error); the message says what is left."""
-
-
-def _latest_name(output: Path) -> str | None:
-    try:
-        return (output / LATEST).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _remove_temporaries(output: Path) -> None:
-    """Delete the temporary files and folders (``.<name>.tmp``) a killed run left in its folder: only
-    atomic writes make them, and the run lock says no other writer is at work here."""
-    for leftover in sorted(output.rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-def _complete_checkpoint(output: Path) -> Path | None:
-    """The checkpoint to resume from: the one ``checkpoint-latest`` names, or, if a kill left that
-    pointer naming a folder no longer there, the newest complete ``checkpoint-N`` (a folder only
-    gets that name once every file in it is written)."""
-    name = _latest_name(output)
-    if name is None:
-        return None
-    aside = output / f".{name}.old.tmp"  # a kill while a same-step save swapped it out
-    if not (output / name).exists() and (aside / "trainer_state.json").is_file():
-        with contextlib.suppress(FileNotFoundError):  # another process of the run put it back first
-            os.replace(aside, output / name)
-    if (output / name / "trainer_state.json").is_file():
-        return output / name
-    steps = [int(p.name[11:]) for p in output.glob("checkpoint-*") if p.name[11:].isdigit()]
-    found = [output / f"checkpoint-{n}" for n in sorted(steps, reverse=True)]
-    folder = next((f for f in found if (f / "trainer_state.json").is_file()), None)
-    if folder is None:
-        raise CheckpointSaveError(f"{output / LATEST} names {name}, which is gone, and no complete checkpoint is left")
-    return folder
 
 
 def evaluate(
@@ -643,111 +586,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def save_trained(model: nn.Module, directory: Path, main: bool = True) -> None:
-    """The trained tensors: the adapters of a PeftModel, or a fully fine-tuned model's weights.
-
-    Every process calls this (FSDP-sharded tensors are gathered collectively); ``main`` writes.
-    """
-    if isinstance(model, PeftModel):
-        model.save_pretrained(directory, is_main_process=main)
-        return
-    state = {k: v.contiguous().clone() for k, v in gathered_state(model).items()}
-    if main:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each shared (tied) tensor once, FSDP shards gathered (collective).
-
-    Tied names are dropped before gathering: gathered copies no longer share memory.
-    """
-    return {k: full_tensor(v) for k, v in _drop_tied(model, model.state_dict()).items()}
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from an FSDP-sharded one (a collective call), or the tensor itself."""
-    tensor = tensor.detach()
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def load_trained(model: nn.Module, directory: Path) -> None:
-    if isinstance(model, PeftModel):
-        for name in model.peft_config:
-            folder = directory if name == "default" else directory / name
-            model._load_weights(folder, name, allow_pickle=False)
-        return
-    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
-
-
-def _forget_steps_after(metrics: Path, step: int) -> None:
-    """Drop the log lines of steps after a checkpoint: a resumed run logs them again, once."""
-    if not metrics.is_file():
-        return
-    kept = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-    atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
-
-
 def _higher(metric: str) -> bool:
     """Whether a larger value of a metric is better (losses and perplexities are not)."""
     return metric not in ("loss", "perplexity")
-
-
-def _drop_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` without the second name of a tied parameter (one Parameter reached by two paths).
-
-    Found from the module structure, not from memory addresses, so every process of a sharded model
-    drops the same keys (an empty local shard has no address to compare).
-    """
-    once = {name for name, _ in model.named_parameters()}
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - once
-    return {key: tensor for key, tensor in state.items() if key not in tied}
-
-
-def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors for safetensors and the rest for JSON; a nested dict (bitsandbytes keeps each 8-bit
-    state's quantization maps and scales in one) flattens to ``state.I.KEY/SUBKEY``."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-
-    def put(index: Any, key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for sub, inner in value.items():
-                put(index, f"{key}/{sub}", inner)
-        elif isinstance(value, torch.Tensor):
-            tensors[f"state.{index}.{key}"] = full_tensor(value).contiguous()
-        else:
-            scalars.setdefault(str(index), {})[key] = value
-
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            put(index, key, value)
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    entries: dict[int, dict[str, Any]] = {}
-
-    def put(index: int, path: str, value: Any) -> None:
-        *outer, last = path.split("/")
-        target = entries.setdefault(index, {})
-        for part in outer:
-            target = target.setdefault(part, {})
-        target[last] = value
-
-    for key, tensor in tensors.items():
-        _, index, name = key.split(".", 2)
-        put(int(index), name, tensor)
-    for index, values in meta["scalars"].items():
-        for name, value in values.items():
-            put(int(index), name, value)
-    return {"state": entries, "param_groups": meta["param_groups"]}
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
