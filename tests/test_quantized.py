@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 
 import deltatune as dt  # noqa: E402
 from deltatune import engine  # noqa: E402
-from deltatune.base_layers import keep_trainable_layout, linear_base  # noqa: E402
+from deltatune.base_layers import is_quantized, keep_trainable_layout, linear_base  # noqa: E402
 from deltatune.quantization import QuantizationUnavailableError, bitsandbytes_config  # noqa: E402
 
 KINDS = ("nf4", "fp4", "int8")
@@ -658,3 +658,67 @@ def test_adapter_trainer_trains_a_quantized_base_and_saves_the_adapter(llama_dir
     for name, param in model.named_parameters():
         if name in trained:
             torch.testing.assert_close(param, trained[name], msg=name)  # the checkpoint's adapter is back
+
+
+# -- LoftQ in `deltatune train`: float load, LoftQ start, then the base quantized in place ----------
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantizing_a_float_model_in_place_gives_what_a_quantized_load_gives(llama_dir, kind):
+    from deltatune.quantization import quantize_frozen_linear_layers
+
+    loaded = load(llama_dir, kind)
+    converted = load(llama_dir, None)
+    converted.requires_grad_(False)
+    assert quantize_frozen_linear_layers(converted, kind) == 14  # 7 per block; the LM head stays float
+    assert converted.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
+    loaded_layers = dict(loaded.named_modules())
+    for name, module in converted.named_modules():
+        assert type(module) is type(loaded_layers[name]), name
+        if is_quantized(module):
+            mine, theirs = linear_base(module), linear_base(loaded_layers[name])
+            assert torch.equal(mine.dense_weight(), theirs.dense_weight()), name
+
+
+def test_train_loftq_starts_nearer_the_float_model_and_its_adapter_loads_on_the_quantized_base(
+    cli_assets, qlora_run, tmp_path
+):
+    import json
+
+    from tiny_assets import check_ok, invoke, train_args
+
+    assets, llama64 = cli_assets
+    runs = {}
+    for name, extra in {"loftq": ("--quantize", "nf4", "--init-lora-weights", "loftq"), "float": ()}.items():
+        args = train_args(assets, tmp_path / name, *extra, "--max-steps", "3", "--optim", "adamw8bit", model=llama64)
+        check_ok(invoke(*args, "--test-data", assets.cls_eval_csv))
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    plain = json.loads((qlora_run / "summary.json").read_text())
+    assert runs["loftq"]["quantization"] == "nf4"
+    assert runs["loftq"]["base_model_bytes"] == plain["base_model_bytes"]  # stored in 4 bits, as a quantized load
+    # the first step's loss (the model as it starts, on the same batch): the quantized base plus
+    # LoftQ's start is nearer the float model than the quantized base with B = 0
+    folders = {"loftq": tmp_path / "loftq", "float": tmp_path / "float", "plain": qlora_run}
+    first = {name: json.loads((f / "metrics.jsonl").read_text().splitlines()[0]) for name, f in folders.items()}
+    assert {row["step"] for row in first.values()} == {1}
+    start = {name: row["loss"] for name, row in first.items()}
+    assert abs(start["loftq"] - start["float"]) < abs(start["plain"] - start["float"])
+    config = json.loads((tmp_path / "loftq" / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "loftq" and config["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 1}
+    # one alternation leaves the base a plain quantized load gives: eval there sees what training measured
+    result = check_ok(
+        invoke("eval", "--adapter", tmp_path / "loftq", "--quantize", "nf4", "--test-data", assets.cls_eval_csv)
+    )
+    metrics = json.loads(result.output[result.output.index("{") :])
+    assert metrics["loss"] == pytest.approx(runs["loftq"]["test_after"]["loss"], rel=1e-5)
+
+
+def test_train_loftq_without_a_loftq_grid_is_refused(cli_assets, tmp_path):
+    from tiny_assets import invoke, train_args
+
+    assets, llama64 = cli_assets
+    for quantize in ("none", "fp4"):
+        args = train_args(
+            assets, tmp_path / quantize, "--quantize", quantize, "--init-lora-weights", "loftq", model=llama64
+        )
+        result = invoke(*args)
+        assert result.exit_code != 0 and "use --quantize nf4 or int8" in result.output, result.output
+        assert not (tmp_path / quantize).exists()

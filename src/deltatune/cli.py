@@ -282,7 +282,8 @@ def eval_data_options(f: Any) -> Any:
 @click.option(
     "--init-lora-weights",
     default="true",
-    help="LoRA/DoRA init: true (B = 0), false, gaussian, pissa or pissa_niter_K.",
+    help="LoRA/DoRA init: true (B = 0), false, gaussian, pissa or pissa_niter_K; with --quantize nf4/int8, "
+    "loftq (LoRA: loads the float base, starts the adapter at the top of its quantization error, then quantizes).",
 )
 @click.option(
     "--targets",

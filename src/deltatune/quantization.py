@@ -97,6 +97,77 @@ def quantize_round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return restored.float().reshape(weight.shape).to(weight.device)
 
 
+def quantize_frozen_linear_layers(
+    model: nn.Module, kind: str, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True
+) -> int:
+    """Store ``model``'s frozen linear layers in ``kind`` (``nf4``, ``fp4``, ``int8``) in place; how many.
+
+    The layers a quantized ``from_pretrained`` would convert are converted, on the device each sits
+    on: every frozen ``nn.Linear`` except the output embeddings, tied weights, the model's last layer
+    (transformers' own rule) and ``_keep_in_fp32_modules``; trained layers (a head saved with the
+    adapter) stay float. This is how a LoftQ start (which needs the float weights) ends on the
+    quantized base it was computed for: a weight already rounded to ``kind``'s grid keeps its codes,
+    so with one LoftQ alternation the base equals the one a quantized load of the float model gives.
+    """
+    if kind not in QUANTIZE_CHOICES or kind == "none":
+        raise ValueError(f"kind must be one of nf4, fp4, int8, got {kind!r}")
+    require_bitsandbytes()
+    import bitsandbytes as bnb
+
+    inner = getattr(model, "get_base_model", lambda: model)()
+    skipped = _kept_in_float(inner)
+    names = [
+        name
+        for name, module in inner.named_modules()
+        if type(module) is nn.Linear
+        and not module.weight.requires_grad
+        and not any(name == skip or name.startswith(skip + ".") for skip in skipped)
+    ]
+    for name in names:
+        linear = inner.get_submodule(name)
+        weight, bias = linear.weight.data, linear.bias
+        if kind == "int8":
+            layer: nn.Module = bnb.nn.Linear8bitLt(
+                linear.in_features, linear.out_features, bias is not None, has_fp16_weights=False, device="meta"
+            )
+            layer.weight = bnb.nn.Int8Params(weight.float(), requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias is not None,
+                compute_dtype,
+                compress_statistics=double_quant,
+                quant_type=kind,
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                weight.float(), requires_grad=False, compress_statistics=double_quant, quant_type=kind
+            )
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.data.to(compute_dtype), requires_grad=False)
+        layer.to(weight.device)  # bitsandbytes quantizes a weight when it is moved onto its device
+        layer.train(linear.training)
+        inner.set_submodule(name, layer)
+    config = getattr(inner, "config", None)
+    if names and config is not None:
+        config.quantization_config = bitsandbytes_config(kind, compute_dtype=compute_dtype, double_quant=double_quant)
+    return len(names)
+
+
+def _kept_in_float(inner: nn.Module) -> set[str]:
+    """Module names a quantized load leaves in float: transformers' rule where it has one."""
+    kept: set[str] = set(getattr(inner, "_keep_in_fp32_modules", None) or ())
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        kept |= set(get_keys_to_not_convert(inner))
+    except (ImportError, AttributeError):
+        output = getattr(inner, "get_output_embeddings", lambda: None)()
+        kept |= {name for name, module in inner.named_modules() if output is not None and module is output}
+    return {name for name in kept if name}
+
+
 def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from deltatune import data as datasets
-from deltatune.base_layers import parameter_count, unquantized_bytes
+from deltatune.base_layers import keep_trainable_layout, parameter_count, unquantized_bytes
 from deltatune.config import PeftConfig
 from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
 from deltatune.packing import check_packed_loss
 from deltatune.parallel import distributed_wrapper
 from deltatune.peft_model import PeftModel, get_peft_model
+from deltatune.quantization import quantize_frozen_linear_layers
 from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
 from deltatune.reporting import Reporters
 from deltatune.run_config import RunConfig
@@ -400,13 +401,20 @@ def _load_model(
     quantize = config.quantize
     say(f"loading {config['model']} for {task_kind}{'' if quantize == 'none' else f' ({quantize})'} ...")
     device = _device(config.device, dist_env)
-    model, tokenizer = load_for_task(config.model, task_kind, spec.num_labels or 2, quantize, device)
+    # LoftQ starts from the float weights; the base is quantized once the adapter is attached (_adapt).
+    load_as = "none" if starts_from_float(config) else quantize
+    model, tokenizer = load_for_task(config.model, task_kind, spec.num_labels or 2, load_as, device)
     precision = resolve_precision(config.precision, device)
     if precision == "fp16" and config.fsdp and dist_env.world > 1:
         raise ValueError("--precision fp16 (loss scaling) is not supported with --fsdp; use bf16 or fp32")
-    if quantize == "none":
+    if load_as == "none":
         model.to(device)  # a quantized model was loaded onto its device
     return model, tokenizer, device, precision
+
+
+def starts_from_float(config: RunConfig) -> bool:
+    """Whether the run loads the float base and quantizes it after attaching the adapter (LoftQ)."""
+    return config.quantize != "none" and str(config.init_lora_weights).lower() == "loftq"
 
 
 def _encode_splits(
@@ -457,6 +465,9 @@ def _adapt(
         check_targets(model, config)
         adapter.base_model_name_or_path = spec.base_model
         trained = get_peft_model(model, adapter)
+        if starts_from_float(config):
+            quantize_frozen_linear_layers(trained, config.quantize)
+            keep_trainable_layout(trained)
         if adapter.is_prompt_learning:
             start_virtual_tokens(trained, config, tokenizer, task_words(spec, splits.train_records))
     if config.packing:

@@ -92,6 +92,11 @@ def check_options(config: RunConfig, given: Collection[str]) -> None:
             f"--quantize {quantize} freezes the base in {quantize}, and --method full trains every weight: "
             "use a PEFT method (QLoRA: --method lora) or --quantize none"
         )
+    if str(config.init_lora_weights).lower() == "loftq" and quantize not in ("nf4", "int8"):
+        raise ValueError(
+            f"--init-lora-weights loftq starts the adapter so that the quantized base plus it approximates the float "
+            f"weights, and --quantize {quantize} has no LoftQ grid: use --quantize nf4 or int8"
+        )
     if quantize != "none" and config.fsdp:
         raise ValueError(f"--quantize {quantize} is not supported with --fsdp (bitsandbytes weights cannot be sharded)")
     if config.fsdp and not training_defaults(config.method).shardable:

@@ -701,6 +701,9 @@ _LORA_DEFAULTS = {"targets": "all-linear"}  # r=16, alpha=32: the --r/--alpha fl
 def config_from_options(options: Mapping[str, Any], common: Mapping[str, Any], use_dora: bool = False) -> LoraConfig:
     """The LoRA (or DoRA) config ``deltatune train``'s options describe."""
     init = str(options.get("init_lora_weights") or "true")
+    # One alternation: the base LoftQ leaves is then the one a quantized load gives, so the adapter
+    # also loads on a plain --quantize base (deltatune.quantization.quantize_frozen_linear_layers).
+    loftq = {"loftq_bits": 8 if options.get("quantize") == "int8" else 4, "loftq_iter": 1} if init == "loftq" else {}
     return LoraConfig(
         r=options["r"],
         lora_alpha=options["alpha"],
@@ -708,6 +711,7 @@ def config_from_options(options: Mapping[str, Any], common: Mapping[str, Any], u
         use_dora=use_dora,
         use_rslora=bool(options.get("use_rslora")),
         init_lora_weights={"true": True, "false": False}.get(init.lower(), init),
+        loftq_config=loftq,
         **common,
     )
 
