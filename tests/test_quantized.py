@@ -186,6 +186,44 @@ def test_training_reaches_only_adapters_and_lowers_the_loss(llama_dir, kind, met
             assert torch.equal(param.detach(), frozen[name]), f"{name} changed"
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_lora_on_a_4bit_base_trains_through_the_fused_function_with_the_plain_graphs_numbers(
+    llama_dir, kind, monkeypatch
+):
+    """The fused function dequantizes in forward and again in backward; same loss and gradients as
+    bitsandbytes' own layer plus the unfused LoRA graph, and without gradients the layer's own kernel."""
+    from deltatune.methods.lora import LoraLinear
+    from deltatune.methods.lora_kernel import FusedLoraLinear
+
+    calls = []
+    original = FusedLoraLinear.apply
+    monkeypatch.setattr(FusedLoraLinear, "apply", lambda *a: calls.append(callable(a[1])) or original(*a))
+    model = dt.get_peft_model(load(llama_dir, kind), dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model.train()
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(LoraLinear, "fused", fused)
+        calls.clear()
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        results.append((loss.detach(), grads, list(calls)))
+    (fused_loss, fused_grads, fused_calls), (plain_loss, plain_grads, plain_calls) = results
+    assert fused_calls and all(fused_calls) and len(fused_calls) == 14 and not plain_calls
+    torch.testing.assert_close(fused_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    monkeypatch.setattr(LoraLinear, "fused", True)
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert not calls
+
+
 # -- several adapters, switching, mixed batches, generation ---------------------------------------
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_two_adapters_mixed_rows_disable_and_generate(llama_dir, kind):

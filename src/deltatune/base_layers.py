@@ -80,6 +80,11 @@ class LinearBase:
             target.copy_((weight.T if self.transposed else weight).to(target.dtype))
         return 0.0
 
+    def dequantizer(self, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
+        """For a base whose forward multiplies by a dequantized weight, the function that makes it
+        (see :class:`Bnb4bitBase`); None for the others."""
+        return None
+
     def new_bias(self) -> nn.Parameter:
         """A zero bias for a bias-free layer (a merge that adds one)."""
         return nn.Parameter(torch.zeros(self.out_features, dtype=self.weight_dtype, device=self.device), False)
@@ -144,6 +149,18 @@ class Bnb4bitBase(LinearBase):
         ).to(device)
         self.module.weight = new
         return float((self.dense_weight().float() - dense.float()).abs().max())
+
+    def dequantizer(self, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
+        """The layer's forward as a function of its dense weight: ``x W^T + b`` with ``W`` this
+        function's result (bitsandbytes' training path dequantizes to the compute dtype and
+        multiplies); None when inputs of ``dtype`` would be cast first."""
+        module = self.module
+        if module.compute_dtype not in (None, dtype) or (module.bias is not None and module.bias.dtype != dtype):
+            return None
+        import bitsandbytes.functional as bnbF
+
+        weight, shape = module.weight, (self.out_features, self.in_features)
+        return lambda: bnbF.dequantize_4bit(weight.data, weight.quant_state).reshape(shape).to(dtype)
 
     def describe(self) -> str:
         state = self.module.weight.quant_state

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -356,7 +356,6 @@ class LoraLinear(AdapterLayer):
         base = modules["base_layer"]
         if (
             A_module is None
-            or type(base) not in _FUSABLE
             or base._forward_hooks
             or base._forward_pre_hooks  # e.g. a parallel bottleneck adapter reading this layer's input
         ):
@@ -364,6 +363,8 @@ class LoraLinear(AdapterLayer):
         B_module = modules["lora_B"]._modules[name]
         if B_module.bias is not None or name in modules["lora_magnitude_vector"]._parameters:
             return None
+        if type(base) not in _FUSABLE:
+            return self._fused_dequantizing(x, base, A_module.weight, B_module.weight, name)
         A, B, weight, bias = A_module.weight, B_module.weight, base.weight, base.bias
         if type(weight) not in _PLAIN_TENSORS:  # a quantized tensor subclass (torchao): the generic path
             return None
@@ -381,10 +382,28 @@ class LoraLinear(AdapterLayer):
             return None
         return self._fused(x, weight, bias, A, B, name)
 
+    def _fused_dequantizing(
+        self, x: torch.Tensor, base: nn.Module, A: torch.Tensor, B: torch.Tensor, name: str
+    ) -> torch.Tensor | None:
+        """Training on a base that dequantizes its weight to multiply (bitsandbytes 4-bit): the fused
+        function, given the dequantization to run in forward and again in backward. Without gradients
+        the layer's own forward runs (bitsandbytes' 4-bit inference kernels skip the dense weight)."""
+        if not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
+            return None
+        if self.fan_in_fan_out or not (x.dtype == A.dtype == B.dtype):
+            return None
+        if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
+            return None
+        try:
+            dequantize = base_layers.linear_base(base).dequantizer(x.dtype)
+        except TypeError:  # not a linear layer deltatune reads (an embedding's LoRA has its own class)
+            return None
+        return None if dequantize is None else self._fused(x, dequantize, base.bias, A, B, name)
+
     def _fused(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: torch.Tensor | Callable[[], torch.Tensor],
         bias: torch.Tensor | None,
         A: torch.Tensor,
         B: torch.Tensor,
@@ -393,6 +412,7 @@ class LoraLinear(AdapterLayer):
         """:class:`FusedLoraLinear` (or, when nothing needs a gradient, its products alone).
 
         ``x`` and ``weight`` share a dtype; ``A`` and ``B`` have it too, or float32 on a half base.
+        ``weight`` is a function for a base that dequantizes (see :class:`FusedLoraLinear`).
         """
         dropout = self._modules["lora_dropout"]._modules[name]
         p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0

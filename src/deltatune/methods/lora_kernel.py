@@ -29,6 +29,11 @@ class FusedLoraLinear(torch.autograd.Function):
     accumulated in place, ``dA = u^T (m \odot x)``, ``dB = s\, g^T (k (m \odot x) A^T)``; the
     frozen ``W`` gets no gradient. Equal to the unfused graph within float rounding (tested).
 
+    ``weight`` may also be a function that returns the dense weight: a quantized base's
+    dequantization (bitsandbytes 4-bit), called in forward and again in backward, so no dense copy
+    lives between them (bitsandbytes' own autograd function does the same), and the base and
+    low-rank products still share one node.
+
     On a half-precision base with float32 adapters the low-rank products run in float32, as in HF
     PEFT: ``x`` and ``g`` are cast for them, the update is summed into the base output in float32
     and rounded once, and the float32 copy of ``x`` is made again in backward instead of kept.
@@ -49,9 +54,13 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, A, B, scale, mask, keep_scale):  # noqa: ANN001, ANN205
-        out, low = FusedLoraLinear.products(x, weight, bias, A, B, scale, mask, keep_scale)
+        source = weight if callable(weight) else None
+        dense = weight if source is None else source()
+        out, low = FusedLoraLinear.products(x, dense, bias, A, B, scale, mask, keep_scale)
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight, A, B, low, None if mask is None else mask.reshape(x2.shape))
+        ctx.weight_source = source
+        saved_weight = weight if source is None else None
+        ctx.save_for_backward(x2, saved_weight, A, B, low, None if mask is None else mask.reshape(x2.shape))
         ctx.scale, ctx.keep_scale = scale, keep_scale
         ctx.has_bias = bias is not None
         return out
@@ -59,6 +68,8 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad):  # noqa: ANN001, ANN205
         x2, weight, A, B, low, mask = ctx.saved_tensors
+        if ctx.weight_source is not None:
+            weight = ctx.weight_source()
         g = grad.reshape(-1, grad.shape[-1])
         ga = g if g.dtype == B.dtype else g.to(B.dtype)
         scale = ctx.scale
