@@ -222,6 +222,13 @@ def test_lora_on_a_4bit_base_trains_through_the_fused_function_with_the_plain_gr
     with torch.no_grad():
         model(input_ids=IDS)
     assert not calls
+    # under training dropout a gradient-free pass (a checkpointed block's first) draws its mask as
+    # the recomputation will: through the function
+    for layer in [m for m in model.modules() if isinstance(m, LoraLinear)]:
+        layer.lora_dropout["default"] = nn.Dropout(0.5)
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert len(calls) == 14
 
 
 # -- several adapters, switching, mixed batches, generation ---------------------------------------
@@ -701,12 +708,12 @@ def test_adapter_trainer_trains_a_quantized_base_and_saves_the_adapter(llama_dir
 # -- LoftQ in `deltatune train`: float load, LoftQ start, then the base quantized in place ----------
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantizing_a_float_model_in_place_gives_what_a_quantized_load_gives(llama_dir, kind):
-    from deltatune.quantization import quantize_frozen_linear_layers
+    from deltatune.quantization import kept_in_float, quantize_frozen_linear_layers
 
     loaded = load(llama_dir, kind)
     converted = load(llama_dir, None)
     converted.requires_grad_(False)
-    assert quantize_frozen_linear_layers(converted, kind) == 14  # 7 per block; the LM head stays float
+    assert quantize_frozen_linear_layers(converted, kind, kept_in_float(converted)) == 14  # the LM head stays float
     assert converted.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
     loaded_layers = dict(loaded.named_modules())
     for name, module in converted.named_modules():
@@ -714,6 +721,25 @@ def test_quantizing_a_float_model_in_place_gives_what_a_quantized_load_gives(lla
         if is_quantized(module):
             mine, theirs = linear_base(module), linear_base(loaded_layers[name])
             assert torch.equal(mine.dense_weight(), theirs.dense_weight()), name
+            if kind == "int8":
+                assert module.state.threshold == loaded_layers[name].state.threshold == 6.0
+
+
+def test_in_place_quantization_under_adapters_leaves_a_classifier_head_float(llama_dir):
+    """Names kept float are taken before adapters wrap the model: the frozen original of a head saved
+    with the adapter stays float, as in a quantized load, and LoRA's base layers are converted."""
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.quantization import kept_in_float, quantize_frozen_linear_layers
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_dir, num_labels=2)
+    kept = kept_in_float(model)
+    peft_model = dt.get_peft_model(model, dt.LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    assert quantize_frozen_linear_layers(peft_model, "nf4", kept) == 14
+    head = peft_model.get_base_model().score
+    assert type(head.base_layer) is nn.Linear and head.modules_to_save["default"].weight.requires_grad
+    lora_layers = [layer for _, layer in engine.adapter_layers(peft_model) if layer is not head]
+    assert len(lora_layers) == 14 and all(is_quantized(layer.base_layer) for layer in lora_layers)
 
 
 def test_train_loftq_starts_nearer_the_float_model_and_its_adapter_loads_on_the_quantized_base(

@@ -21,6 +21,7 @@ its layers (importing it is slow and prints warnings), so deltatune works withou
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 
@@ -160,7 +161,9 @@ class Bnb4bitBase(LinearBase):
         import bitsandbytes.functional as bnbF
 
         weight, shape = module.weight, (self.out_features, self.in_features)
-        return lambda: bnbF.dequantize_4bit(weight.data, weight.quant_state).reshape(shape).to(dtype)
+        state = copy.copy(weight.quant_state)
+        state.dtype = dtype  # straight to the compute dtype, as bitsandbytes' forward dequantizes
+        return lambda: bnbF.dequantize_4bit(weight.data, state).reshape(shape)
 
     def describe(self) -> str:
         state = self.module.weight.quant_state

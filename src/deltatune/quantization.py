@@ -11,6 +11,8 @@ each weight to the compute dtype and the adapters train in float32 on top. ``int
 from __future__ import annotations
 
 import importlib.util
+import re
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -98,39 +100,50 @@ def quantize_round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_frozen_linear_layers(
-    model: nn.Module, kind: str, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True
+    model: nn.Module,
+    kind: str,
+    kept_in_float: Collection[str],
+    compute_dtype: torch.dtype = torch.float32,
+    double_quant: bool = True,
 ) -> int:
     """Store ``model``'s frozen linear layers in ``kind`` (``nf4``, ``fp4``, ``int8``) in place; how many.
 
     The layers a quantized ``from_pretrained`` would convert are converted, on the device each sits
-    on: every frozen ``nn.Linear`` except the output embeddings, tied weights, the model's last layer
-    (transformers' own rule) and ``_keep_in_fp32_modules``; trained layers (a head saved with the
-    adapter) stay float. This is how a LoftQ start (which needs the float weights) ends on the
-    quantized base it was computed for: a weight already rounded to ``kind``'s grid keeps its codes,
-    so with one LoftQ alternation the base equals the one a quantized load of the float model gives.
+    on: every frozen ``nn.Linear`` except those ``kept_in_float`` names (:func:`kept_in_float` of the
+    model before adapters were attached; an adapter's wrapper, ``base_layer``, is looked through);
+    trained layers (a head saved with the adapter) stay float. This is how a LoftQ start (which needs
+    the float weights) ends on the quantized base it was computed for: a weight already rounded to
+    ``kind``'s grid keeps its codes, so with one LoftQ alternation the base equals the one a quantized
+    load of the float model gives.
     """
     if kind not in QUANTIZE_CHOICES or kind == "none":
         raise ValueError(f"kind must be one of nf4, fp4, int8, got {kind!r}")
     require_bitsandbytes()
     import bitsandbytes as bnb
 
+    settings = bitsandbytes_config(kind, compute_dtype=compute_dtype, double_quant=double_quant)
     inner = getattr(model, "get_base_model", lambda: model)()
-    skipped = _kept_in_float(inner)
     names = [
         name
         for name, module in inner.named_modules()
         if type(module) is nn.Linear
         and not module.weight.requires_grad
-        and not any(name == skip or name.startswith(skip + ".") for skip in skipped)
+        and _converted(re.sub(r"\.base_layer(?=\.|$)", "", name), list(kept_in_float))
     ]
     for name in names:
         linear = inner.get_submodule(name)
         weight, bias = linear.weight.data, linear.bias
         if kind == "int8":
             layer: nn.Module = bnb.nn.Linear8bitLt(
-                linear.in_features, linear.out_features, bias is not None, has_fp16_weights=False, device="meta"
+                linear.in_features,
+                linear.out_features,
+                bias is not None,
+                has_fp16_weights=False,
+                threshold=settings.llm_int8_threshold,
+                device="meta",
             )
-            layer.weight = bnb.nn.Int8Params(weight.float(), requires_grad=False, has_fp16_weights=False)
+            # bitsandbytes quantizes 8-bit weights on their way from the CPU to the device
+            layer.weight = bnb.nn.Int8Params(weight.float().cpu(), requires_grad=False, has_fp16_weights=False)
         else:
             layer = bnb.nn.Linear4bit(
                 linear.in_features,
@@ -145,27 +158,36 @@ def quantize_frozen_linear_layers(
                 weight.float(), requires_grad=False, compress_statistics=double_quant, quant_type=kind
             )
         if bias is not None:
-            layer.bias = nn.Parameter(bias.data.to(compute_dtype), requires_grad=False)
+            layer.bias = bias  # the same parameter: a bias the adapter trains (bias="all") stays trained
         layer.to(weight.device)  # bitsandbytes quantizes a weight when it is moved onto its device
         layer.train(linear.training)
         inner.set_submodule(name, layer)
     config = getattr(inner, "config", None)
     if names and config is not None:
-        config.quantization_config = bitsandbytes_config(kind, compute_dtype=compute_dtype, double_quant=double_quant)
+        config.quantization_config = settings
     return len(names)
 
 
-def _kept_in_float(inner: nn.Module) -> set[str]:
-    """Module names a quantized load leaves in float: transformers' rule where it has one."""
-    kept: set[str] = set(getattr(inner, "_keep_in_fp32_modules", None) or ())
+def kept_in_float(model: nn.Module) -> list[str]:
+    """Module names (transformers' patterns) a quantized load of ``model`` leaves in float: the output
+    embeddings, tied weights, the last layer and ``_keep_in_fp32_modules``."""
+    kept: set[str] = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     try:
         from transformers.quantizers.base import get_keys_to_not_convert
 
-        kept |= set(get_keys_to_not_convert(inner))
+        kept |= set(get_keys_to_not_convert(model))
     except (ImportError, AttributeError):
-        output = getattr(inner, "get_output_embeddings", lambda: None)()
-        kept |= {name for name, module in inner.named_modules() if output is not None and module is output}
-    return {name for name in kept if name}
+        output = getattr(model, "get_output_embeddings", lambda: None)()
+        kept |= {name for name, module in model.named_modules() if output is not None and module is output}
+    return sorted(name for name in kept if name)
+
+
+def _converted(name: str, kept: list[str]) -> bool:
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return not any(name == key or name.startswith(key + ".") or name.endswith("." + key) for key in kept)
+    return should_convert_module(name, kept)
 
 
 def prepare_model_for_kbit_training(

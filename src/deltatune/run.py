@@ -32,7 +32,7 @@ from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
 from deltatune.packing import check_packed_loss
 from deltatune.parallel import distributed_wrapper
 from deltatune.peft_model import PeftModel, get_peft_model
-from deltatune.quantization import quantize_frozen_linear_layers
+from deltatune.quantization import kept_in_float, quantize_frozen_linear_layers
 from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
 from deltatune.reporting import Reporters
 from deltatune.run_config import RunConfig
@@ -464,9 +464,10 @@ def _adapt(
     else:
         check_targets(model, config)
         adapter.base_model_name_or_path = spec.base_model
+        kept = kept_in_float(model) if starts_from_float(config) else []  # named before adapters wrap them
         trained = get_peft_model(model, adapter)
         if starts_from_float(config):
-            quantize_frozen_linear_layers(trained, config.quantize)
+            quantize_frozen_linear_layers(trained, config.quantize, kept)
             keep_trainable_layout(trained)
         if adapter.is_prompt_learning:
             start_virtual_tokens(trained, config, tokenizer, task_words(spec, splits.train_records))

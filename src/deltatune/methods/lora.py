@@ -387,8 +387,12 @@ class LoraLinear(AdapterLayer):
     ) -> torch.Tensor | None:
         """Training on a base that dequantizes its weight to multiply (bitsandbytes 4-bit): the fused
         function, given the dequantization to run in forward and again in backward. Without gradients
-        the layer's own forward runs (bitsandbytes' 4-bit inference kernels skip the dense weight)."""
-        if not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
+        the layer's own forward runs (bitsandbytes' 4-bit inference kernels skip the dense weight),
+        except under training dropout: a checkpointed block's first, gradient-free pass must draw the
+        same mask as its recomputation, so both go through the function."""
+        dropout = self._modules["lora_dropout"]._modules[name]
+        drops = self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+        if not drops and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
             return None
         if self.fan_in_fan_out or not (x.dtype == A.dtype == B.dtype):
             return None
