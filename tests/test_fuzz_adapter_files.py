@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -339,3 +340,21 @@ def test_an_input_method_whose_encoder_is_not_saved_loads_within_the_budget(tmp_
     model = dt.get_peft_model(bert(), config())
     model.save_pretrained(tmp_path)  # the file holds the encoder's output, not the encoder
     dt.PeftModel.from_pretrained(bert(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: torch.randint(10, (4096, 4096)), "(4096, 4096)"),
+        (lambda: torch.randint(2, 10, (4096, 4096)), "(4096, 4096)"),
+        (lambda: torch.randperm(1 << 24), "(16777216,)"),
+        (lambda: torch.zeros(4096, 4096), "(4096, 4096)"),
+        (lambda: torch.ones(2).new_zeros((4096, 4096)), "(4096, 4096)"),
+    ],
+)
+def test_the_budget_names_the_shape_that_was_asked_for(make, shape):
+    from deltatune.allocation import AllocationBudgetExceeded
+
+    with pytest.raises(AllocationBudgetExceeded, match=re.escape(f"shape {shape}")):
+        with AllocationBudget(1 << 20, "the test's tensors"):
+            make()

@@ -81,17 +81,24 @@ class AllocationBudget(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _size(func: Any, args: tuple) -> Any:
+    """The requested shape among a creation operator's arguments."""
+    if func in _SIZED_FROM_TENSOR:
+        return args[1]
+    if func in (aten.randint.default, aten.randint.low):
+        return args[-1]  # randint(high, size) and randint(low, high, size)
+    if func is aten.randperm.default:
+        return [args[0]]
+    return args[0]
+
+
 def _requested_bytes(func: Any, args: tuple, kwargs: dict) -> int:
     if func in _SIZED:
-        size = args[0]
-        if func in (aten.randint.default, aten.randint.low):
-            size = args[-1]
-        elif func is aten.randperm.default:
-            size = [args[0]]
+        size = _size(func, args)
         integer = func in (aten.randint.default, aten.randint.low, aten.randperm.default)
         dtype = kwargs.get("dtype") or (torch.int64 if integer else torch.get_default_dtype())
     elif func in _SIZED_FROM_TENSOR:
-        size, dtype = args[1], kwargs.get("dtype") or args[0].dtype
+        size, dtype = _size(func, args), kwargs.get("dtype") or args[0].dtype
     else:
         return 0
     try:
@@ -102,7 +109,7 @@ def _requested_bytes(func: Any, args: tuple, kwargs: dict) -> int:
 
 
 def _shape(func: Any, args: tuple) -> str:
-    size = args[1] if func in _SIZED_FROM_TENSOR else args[0]
+    size = _size(func, args)
     return f"shape {tuple(size) if isinstance(size, (list, tuple)) else size}"
 
 
