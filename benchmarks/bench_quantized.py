@@ -6,6 +6,9 @@ and an AdamW step. Each base (``fp32``, ``nf4`` double-quantized with float32 co
 is loaded once per library (quantizing is deterministic: both see the same weights); the cases
 alternate in this process for time, and each runs alone in a child process for peak memory.
 
+Part 3 (``--part layer``): SmolLM2's MLP projections in nf4 under LoRA, forward and backward,
+deltatune's fused function against its own unfused graph (what the fused 4-bit path saves).
+
 Part 2 (``--part scale``): Llama-architecture models of 1.7B (SmolLM2-1.7B's shape), 3B (Llama 3.2
 3B's) and 7B (Llama 2 7B's) parameters with random weights. Each is written once, shard by shard
 in bfloat16, so the whole float model never exists in memory (cached under
@@ -14,7 +17,7 @@ in bfloat16, so the whole float model never exists in memory (cached under
 peak resident memory per size and base. A float32 load that would not fit in this machine's
 memory is not attempted and is reported as such.
 
-    .venv/bin/python benchmarks/bench_quantized.py [--part step|scale|all] [--sizes 1.7b,3b,7b] [--quick]
+    .venv/bin/python benchmarks/bench_quantized.py [--part step|layer|scale|all] [--sizes 1.7b,3b,7b] [--quick]
 """
 
 from __future__ import annotations
@@ -229,9 +232,36 @@ def part_scale(args, env: common.Env) -> dict:
     return results
 
 
+# -- part 3: one adapted 4-bit layer pair, fused against unfused ---------------------------------
+def part_layer(args, env: common.Env) -> tuple[dict[str, float], dict[str, list[float]]]:  # noqa: ANN001
+    """SmolLM2's MLP projections (576 -> 1536 -> 576) in nf4 under LoRA r=16, 512 rows, forward and
+    backward: deltatune's fused function against its own unfused graph, alternating."""
+    import deltatune as dt
+    from deltatune.methods.lora import LoraLinear
+    from deltatune.quantization import quantize_frozen_linear_layers
+
+    torch.manual_seed(env.seed)
+    mlp = nn.Sequential(nn.Linear(576, 1536, bias=False), nn.ReLU(), nn.Linear(1536, 576, bias=False)).to(env.device)
+    mlp.requires_grad_(False)
+    quantize_frozen_linear_layers(mlp, "nf4", [])
+    model = dt.get_peft_model(mlp, dt.LoraConfig(r=16, lora_alpha=32, target_modules=["0", "2"])).train()
+    x = torch.randn(512, 576, device=env.device, requires_grad=True)
+
+    def step(fused: bool) -> None:
+        LoraLinear.fused = fused
+        model(x).sum().backward()
+        LoraLinear.fused = True
+
+    times = common.alternate(
+        {"layer/fused": lambda: step(True), "layer/unfused": lambda: step(False)}, env, args.repeats * 8, args.warmup
+    )
+    common.print_times("nf4 MLP pair under LoRA, forward and backward", times)
+    return {"layer/fused_over_unfused": common.ratio(times, "layer/fused", "layer/unfused")}, times
+
+
 def main() -> None:
     parser = common.parser(__doc__, repeats=5, warmup=1)
-    parser.add_argument("--part", choices=["step", "scale", "all"], default="all")
+    parser.add_argument("--part", choices=["step", "scale", "layer", "all"], default="all")
     parser.add_argument("--sizes", type=lambda t: t.split(","), default=list(SIZES))
     parser.add_argument("--no-memory", action="store_true", help="skip the memory child processes of part 1")
     args = parser.parse_args()
@@ -242,6 +272,10 @@ def main() -> None:
     ratios, times, memory, scale = {}, {}, {}, {}
     if args.part in ("step", "all"):
         ratios, times, memory = part_step(args, env)
+    if args.part in ("layer", "all"):
+        layer_ratios, layer_times = part_layer(args, env)
+        ratios.update(layer_ratios)
+        times["layer"] = layer_times
     if args.part in ("scale", "all"):
         scale = part_scale(args, env)
         for size in args.sizes:
