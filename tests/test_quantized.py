@@ -786,3 +786,14 @@ def test_train_loftq_without_a_loftq_grid_is_refused(cli_assets, tmp_path):
         result = invoke(*args)
         assert result.exit_code != 0 and "use --quantize nf4 or int8" in result.output, result.output
         assert not (tmp_path / quantize).exists()
+
+
+def test_in_place_quantization_keeps_a_trained_bias_the_same_parameter():
+    from deltatune.quantization import quantize_frozen_linear_layers
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    model[0].weight.requires_grad_(False)
+    model[2].requires_grad_(False)
+    bias = model[0].bias  # trained next to an adapter (bias="all")
+    assert quantize_frozen_linear_layers(model, "nf4", []) == 2
+    assert model[0].bias is bias and bias.requires_grad and not model[2].bias.requires_grad
