@@ -1,4 +1,4 @@
-"""Files written whole or not at all: a temporary file beside the target, flushed, then renamed.
+"""Files and folders written whole or not at all: a temporary one beside the target, then renamed.
 
 A crash (or a full disk) mid-write leaves the old file, or none, never half of a new one.
 """
@@ -6,6 +6,7 @@ A crash (or a full disk) mid-write leaves the old file, or none, never half of a
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,3 +40,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(finished: Path, final: Path, aside: Path) -> None:
+    """Put the completely written folder ``finished`` in place as ``final``.
+
+    A folder already at ``final`` is renamed to ``aside`` first and deleted only after the swap, so
+    a complete folder exists under one of the two names at every instant (a reader that finds
+    ``aside`` after a kill can put it back)."""
+    if final.exists():
+        os.replace(final, aside)
+        os.replace(finished, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(finished, final)

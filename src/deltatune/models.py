@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from deltatune.atomic import replace_folder
+
 try:  # POSIX only; on other systems concurrent first uses are simply not serialised.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -240,13 +242,8 @@ def _build_cached(dest: Path, stamp: dict[str, Any], build: Callable[[Path], Non
         try:
             build(tmp)
             (tmp / _STAMP).write_text(json.dumps(stamp, sort_keys=True), encoding="utf-8")
-            if dest.exists():  # stale (other package version) or incomplete: move aside, then swap
-                old = parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            # a folder there is stale (other package version) or incomplete: swapped out, not deleted first
+            replace_folder(tmp, dest, parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

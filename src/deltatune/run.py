@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deltatune import data as datasets
+from deltatune.atomic import replace_folder
 from deltatune.base_layers import keep_trainable_layout, parameter_count, unquantized_bytes
 from deltatune.config import PeftConfig
 from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
@@ -599,11 +600,7 @@ def save_model_folder(
         tokenizer.save_pretrained(tmp)
         if spec is not None:
             spec.save(tmp)
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder, folder.parent / f".{folder.name}.old-{os.getpid()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

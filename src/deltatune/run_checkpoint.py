@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.atomic import atomic_write_bytes
+from deltatune.atomic import atomic_write_bytes, replace_folder
 from deltatune.peft_model import PeftModel
 from deltatune.run_folder import LATEST
 
@@ -73,13 +73,7 @@ def commit(output: Path, tmp: Path, name: str, keep: int) -> Path:
     and delete the oldest checkpoints beyond ``keep``. A folder of that name already there (saved
     again at the same step: Ctrl-C right after a save) is swapped out, never deleted first."""
     final = output / name
-    if final.exists():
-        aside = output / f".{name}.old.tmp"
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_folder(tmp, final, output / f".{name}.old.tmp")  # complete_checkpoint knows the aside name
     atomic_write_bytes(output / LATEST, name.encode())
     kept = sorted(
         (p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
