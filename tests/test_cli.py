@@ -623,6 +623,20 @@ def test_empty_text_row_is_an_error_unless_skipped(assets, tmp_path):
     assert_no_traceback(result)
 
 
+def test_wrong_typed_label_row_is_an_error_unless_skipped(assets, tmp_path):
+    rows = classification_rows(24, seed=6)
+    rows[3]["label"] = ["positive"]
+    rows[9]["text"] = {"body": "a review"}
+    data = tmp_path / "typed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = bad_run(assets, tmp_path, data)
+    message = failure_text(result)
+    assert str(data) in message and re.search(r"\brow 4\b", message) and "'label'" in message and "list" in message
+    assert "--on-bad-row skip" in message
+    assert_no_traceback(result)
+    check_ok(bad_run(assets, tmp_path, data, "--on-bad-row", "skip"))
+
+
 def test_test_label_never_seen_in_training(assets, tmp_path):
     rows = classification_rows(16, seed=7)
     rows[2]["label"] = "meh"

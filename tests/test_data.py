@@ -173,6 +173,30 @@ def test_jsonl_row_missing_field_and_null(tmp_path):
     assert data.load_records(f, columns=["text"], on_bad_row="skip") == [{"text": "a"}]
 
 
+def test_structured_or_infinite_required_values_are_bad_rows(tmp_path, caplog):
+    f = tmp_path / "typed.jsonl"
+    rows = [
+        {"text": "a", "label": 1},
+        {"text": ["a", "b"], "label": 1},
+        {"text": "c", "label": {"name": "pos"}},
+        {"text": "d", "label": float("inf")},
+        {"text": "e", "label": True, "extra": [1, 2]},  # only required columns must hold one value
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"typed\.jsonl: row 2 \(line 2\): column 'text' holds a list \(\['a', 'b'\]\)"):
+        data.load_records(f, columns=["text", "label"])
+    for bad in (1, 2, 3):
+        only = tmp_path / f"one{bad}.jsonl"
+        only.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[bad]) + "\n")
+        with pytest.raises(DataError, match=r"row 2 .*column '(text|label)' holds .*--on-bad-row skip"):
+            data.load_records(only, columns=["text", "label"])
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        out = data.load_records(f, columns=["text", "label"], on_bad_row="skip")
+    assert out == [{"text": "a", "label": 1}, {"text": "e", "label": True}]
+    assert "skipped 3 of 5" in caplog.text
+    assert data.load_records(f)[1]["text"] == ["a", "b"]  # no columns required: every field as it is
+
+
 def test_malformed_json_line_names_file_and_line(tmp_path):
     f = tmp_path / "broken.jsonl"
     f.write_text('{"text": "a"}\n{"text": "b",\n')

@@ -439,6 +439,29 @@ def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _required_value_problem(record: dict[str, Any], sources: Iterable[str]) -> str | None:
+    """Why a row cannot give its required values, or None: a value missing, blank, or not a single
+    value (a list or object, or an infinite number, where text, a number or true/false belongs)."""
+    sources = list(sources)
+    empty = [src for src in sources if _is_empty(record.get(src))]
+    if empty:
+        what = "missing" if any(src not in record for src in empty) else "empty"
+        return f"{what} value in column(s) {', '.join(repr(c) for c in empty)}"
+    for src in sources:
+        value = record[src]
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"column {src!r} holds {value!r}, not a finite number"
+        if not isinstance(value, (str, int, float, bool)):
+            kind = type(value).__name__
+            return f"column {src!r} holds a {kind} ({_short(value)}) where one value (text or a number) belongs"
+    return None
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def load_records(
     path: str | os.PathLike[str],
     columns: Sequence[str] | Mapping[str, str] | Callable[[dict[str, Any]], Any] | None = None,
@@ -456,8 +479,9 @@ def load_records(
     requires the file columns and returns them under the new names (e.g. ``{"text": "review"}``);
     a function of the first record gives one of those (the file is read once either way).
     A required column absent from the whole file is always an error that lists the columns the
-    file does have. A row whose required value is missing or blank is a bad row: ``on_bad_row``
-    ``"error"`` (default) raises, ``"skip"`` drops it and logs how many were dropped.
+    file does have. A row whose required value is missing, blank or not one value (a list or an
+    object where text or a number belongs) is a bad row: ``on_bad_row`` ``"error"`` (default)
+    raises, ``"skip"`` drops it and logs how many were dropped.
 
     Errors are :class:`DataError` and name the file and the 1-based data row (the header of a
     CSV file is not counted; for JSON lines the file line is given too), because a message
@@ -534,18 +558,17 @@ def load_records(
     out: list[dict[str, Any]] = []
     skipped = 0
     for where, record in raw:
-        bad = [src for src in mapping.values() if _is_empty(record.get(src))]
-        if bad:
+        problem = _required_value_problem(record, mapping.values())
+        if problem:
             if on_bad_row == "skip":
                 skipped += 1
                 continue
-            what = "missing" if any(src not in record for src in bad) else "empty"
-            raise DataError(
-                f"{path}: {where}: {what} value in column(s) {', '.join(repr(c) for c in bad)}; {BAD_ROW_HINT}"
-            )
+            raise DataError(f"{path}: {where}: {problem}; {BAD_ROW_HINT}")
         out.append({name: record[src] for name, src in mapping.items()})
     if skipped:
-        logger.warning("%s: skipped %d of %d rows with a missing or empty required value", path, skipped, len(raw))
+        logger.warning(
+            "%s: skipped %d of %d rows with a missing, empty or wrong-typed required value", path, skipped, len(raw)
+        )
     if not out:
         raise DataError(f"{path}: every row was skipped as bad")
     return out
