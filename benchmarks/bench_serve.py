@@ -88,8 +88,9 @@ def generate_group(model: Any, tokenizer: Any, adapter: str, prompts: list[list[
             stack.enter_context(model.disable_adapter())
         else:
             model.set_adapter(adapter)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
+        )
     replies = []
     eos = tokenizer.eos_token_id
     for row in out[:, width:].tolist():
@@ -115,15 +116,18 @@ class PeerServer:
 
         @app.post("/v1/chat/completions")
         async def chat(body: dict) -> dict:
-            ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True,
-                                                     return_dict=True)["input_ids"]
+            ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_dict=True)[
+                "input_ids"
+            ]
             future: concurrent.futures.Future = concurrent.futures.Future()
             with self.wake:
                 self.waiting.append((body["model"], list(ids), body["max_tokens"], future))
                 self.wake.notify()
             reply = await asyncio.wrap_future(future)
-            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]}}],
-                    "usage": {"completion_tokens": reply["tokens"]}}
+            return {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]}}],
+                "usage": {"completion_tokens": reply["tokens"]},
+            }
 
         return app
 
@@ -168,9 +172,15 @@ def listening(app: Any) -> Iterator[str]:
 
 def jobs(count: int, max_tokens: int) -> list[dict[str, Any]]:
     models = [BASE, *ADAPTERS]
-    return [{"model": models[i % len(models)], "max_tokens": max_tokens, "temperature": 0,
-             "messages": [{"role": "user", "content": PROMPTS[(i // len(models)) % len(PROMPTS)]}]}
-            for i in range(count)]
+    return [
+        {
+            "model": models[i % len(models)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": PROMPTS[(i // len(models)) % len(PROMPTS)]}],
+        }
+        for i in range(count)
+    ]
 
 
 def load(url: str, clients: int, work: list[dict[str, Any]]) -> dict[str, Any]:
@@ -192,9 +202,11 @@ def load(url: str, clients: int, work: list[dict[str, Any]]) -> dict[str, Any]:
                 response = http.post("/v1/chat/completions", json=body)
                 response.raise_for_status()
                 reply = response.json()
-                replies[index] = {"seconds": time.perf_counter() - start,
-                                  "tokens": reply["usage"]["completion_tokens"],
-                                  "text": reply["choices"][0]["message"]["content"]}
+                replies[index] = {
+                    "seconds": time.perf_counter() - start,
+                    "tokens": reply["usage"]["completion_tokens"],
+                    "text": reply["choices"][0]["message"]["content"],
+                }
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -205,8 +217,15 @@ def load(url: str, clients: int, work: list[dict[str, Any]]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     latencies = sorted(r["seconds"] for r in replies)
     tokens = sum(r["tokens"] for r in replies)
-    return {"tokens_per_s": tokens / wall, "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
-            "tokens": tokens, "requests": len(work), "wall_s": wall, "texts": [r["text"] for r in replies]}
+    return {
+        "tokens_per_s": tokens / wall,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "tokens": tokens,
+        "requests": len(work),
+        "wall_s": wall,
+        "texts": [r["text"] for r in replies],
+    }
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -233,16 +252,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(env, Path(tmp))
         ours, tokenizer = common.load_smollm(env)
-        state = build_state(ours, tokenizer, base_name=BASE, adapters=list(paths.items()), max_batch=args.max_batch,
-                            max_queue=10_000)
+        state = build_state(
+            ours, tokenizer, base_name=BASE, adapters=list(paths.items()), max_batch=args.max_batch, max_queue=10_000
+        )
         theirs, their_tokenizer = peft_model_with(env, paths)
-        peers = {"naive": PeerServer(theirs, their_tokenizer, max_batch=1),
-                 "per_adapter": PeerServer(theirs, their_tokenizer, max_batch=args.max_batch)}
-        print(f"SmolLM2-135M, 8 LoRA adapters + base, max_tokens {max_tokens}, {env.device} {env.dtype}, "
-              f"{env.threads} threads")
+        peers = {
+            "naive": PeerServer(theirs, their_tokenizer, max_batch=1),
+            "per_adapter": PeerServer(theirs, their_tokenizer, max_batch=args.max_batch),
+        }
+        print(
+            f"SmolLM2-135M, 8 LoRA adapters + base, max_tokens {max_tokens}, {env.device} {env.dtype}, "
+            f"{env.threads} threads"
+        )
         results: dict[str, dict[str, Any]] = {}
-        with listening(build_app(state)) as serve_url, listening(peers["naive"].app()) as naive_url, \
-                listening(peers["per_adapter"].app()) as batch_url:
+        with (
+            listening(build_app(state)) as serve_url,
+            listening(peers["naive"].app()) as naive_url,
+            listening(peers["per_adapter"].app()) as batch_url,
+        ):
             urls = {"serve": serve_url, "naive": naive_url, "per_adapter": batch_url}
             for url in urls.values():  # warm-up: every adapter once
                 load(url, 1, jobs(9 if not env.quick else 2, 2))
@@ -251,20 +278,26 @@ def main() -> None:
                 for name, url in urls.items():
                     results[f"{name}@{clients}"] = load(url, clients, work)
                     r = results[f"{name}@{clients}"]
-                    print(f"{clients:>3} clients {name:>12}: {r['tokens_per_s']:8.1f} tokens/s, p50 "
-                          f"{r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s ({r['requests']} requests, "
-                          f"{r['tokens']} tokens)", flush=True)
+                    print(
+                        f"{clients:>3} clients {name:>12}: {r['tokens_per_s']:8.1f} tokens/s, p50 "
+                        f"{r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s ({r['requests']} requests, "
+                        f"{r['tokens']} tokens)",
+                        flush=True,
+                    )
         state.batcher.stop(60)
     ratios: dict[str, float] = {}
     for clients in counts:
         serve = results[f"serve@{clients}"]
-        ratios[f"throughput_serve_over_naive@{clients}"] = serve["tokens_per_s"] / results[f"naive@{clients}"][
-            "tokens_per_s"]
-        ratios[f"throughput_serve_over_per_adapter@{clients}"] = serve["tokens_per_s"] / results[
-            f"per_adapter@{clients}"]["tokens_per_s"]
+        ratios[f"throughput_serve_over_naive@{clients}"] = (
+            serve["tokens_per_s"] / results[f"naive@{clients}"]["tokens_per_s"]
+        )
+        ratios[f"throughput_serve_over_per_adapter@{clients}"] = (
+            serve["tokens_per_s"] / results[f"per_adapter@{clients}"]["tokens_per_s"]
+        )
     top = 16 if 16 in counts else counts[-1]
-    ratios[f"serve_p99@{top}_over_p99@{counts[0]}"] = results[f"serve@{top}"]["p99_s"] / results[
-        f"serve@{counts[0]}"]["p99_s"]
+    ratios[f"serve_p99@{top}_over_p99@{counts[0]}"] = (
+        results[f"serve@{top}"]["p99_s"] / results[f"serve@{counts[0]}"]["p99_s"]
+    )
     # greedy replies of the same prompts and adapters: deltatune's batched server vs PEFT one at a time
     agree = [a == b for c in counts for a, b in zip(results[f"serve@{c}"]["texts"], results[f"naive@{c}"]["texts"])]
     checks = {"replies_equal_to_naive_share": sum(agree) / len(agree)}

@@ -27,7 +27,14 @@ import common
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
-    "lora_layer", "train_step", "inference", "prompt_prefix", "mixed_batch", "quantized", "end_to_end", "serve",
+    "lora_layer",
+    "train_step",
+    "inference",
+    "prompt_prefix",
+    "mixed_batch",
+    "quantized",
+    "end_to_end",
+    "serve",
 ]
 
 

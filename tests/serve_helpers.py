@@ -46,8 +46,9 @@ def lora_family() -> dict[str, Any]:
 def other_methods() -> dict[str, Any]:
     """Layer methods beside LoRA, on modules of their own (one base layer takes one method)."""
     return {
-        "ia3": dt.IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
-                            feedforward_modules=["down_proj"]),
+        "ia3": dt.IA3Config(
+            target_modules=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
         "loha": dt.LoHaConfig(r=4, target_modules=["q_proj", "gate_proj"]),
         "vera": dt.VeraConfig(r=8, target_modules=["o_proj"]),
     }
@@ -148,10 +149,14 @@ class Reference:
                 stack.enter_context(self.model.disable_adapter())
             else:
                 self.model.set_adapter(model)
-            out = self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                      max_new_tokens=max_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        new = out[0, inputs.shape[1]:].tolist()
+            out = self.model.generate(
+                input_ids=inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[0, inputs.shape[1] :].tolist()
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         stopped = bool(new) and new[-1] in eos

@@ -63,9 +63,7 @@ def test_mask_equals_transformers_assistant_mask_from_generation_markers(tokeniz
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = marked
-    reference = tokenizer.apply_chat_template(
-        CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    reference = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, labels = C.encode(tokenizer, CHAT)
     assert ids == reference["input_ids"]
     assert [label != C.IGNORE_INDEX for label in labels] == [bool(m) for m in reference["assistant_masks"]]

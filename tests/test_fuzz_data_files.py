@@ -99,7 +99,7 @@ def apply_quirk(data: bytes, quirk: str, rng) -> bytes:
         at = rng.randrange(len(data))
         return data[:at] + b"\x00" + data[at:]
     if quirk == "stray_line":
-        return data + rng.choice([b"{not json\n", b"\"a\",\"b\",\"c\",\"d\"\n", b"[1, 2]\n", b"42\n"])
+        return data + rng.choice([b"{not json\n", b'"a","b","c","d"\n', b"[1, 2]\n", b"42\n"])
     if quirk == "truncate" and data:
         return data[: rng.randrange(len(data))]
     if quirk == "binary":

@@ -73,14 +73,25 @@ def client(served):
 
 
 def chat(client, model, text, max_tokens=8, **extra):
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0, **extra}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
     return client.post("/v1/chat/completions", json=body)
 
 
 def stream_chat(client, model, text, max_tokens=8, **extra):
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, **extra}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        **extra,
+    }
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, response.read()
         return read_stream(response)
@@ -138,14 +149,20 @@ def test_500_requests_from_32_clients_each_equal_its_sequential_reply(served, re
         reply = chat(local.client, model, text, max_tokens)
         assert reply.status_code == 200, reply.text
         body = reply.json()
-        return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"], \
-            body["choices"][0]["finish_reason"]
+        return (
+            body["choices"][0]["message"]["content"],
+            body["usage"]["completion_tokens"],
+            body["choices"][0]["finish_reason"],
+        )
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         replies = list(pool.map(run, jobs))
     assert len(replies) == 500
-    wrong = [(job, got, want) for job, got, want in zip(jobs, replies, expected)
-             if got[0] != want[0] or got[2] != want[2] or (got[1] is not None and got[1] != want[1])]
+    wrong = [
+        (job, got, want)
+        for job, got, want in zip(jobs, replies, expected)
+        if got[0] != want[0] or got[2] != want[2] or (got[1] is not None and got[1] != want[1])
+    ]
     assert not wrong, f"{len(wrong)} of 500 replies differ from the sequential ones, e.g. {wrong[:2]}"
     text = served.client().get("/metrics").text
     assert "deltatune_batch_rows_bucket" in text
@@ -158,8 +175,9 @@ def test_500_requests_from_32_clients_each_equal_its_sequential_reply(served, re
 def test_stream_and_whole_reply_agree(client):
     for model in MODELS:
         whole = chat(client, model, CHAT_PROMPTS[3], max_tokens=12).json()
-        chunks, done = stream_chat(client, model, CHAT_PROMPTS[3], max_tokens=12,
-                                   stream_options={"include_usage": True})
+        chunks, done = stream_chat(
+            client, model, CHAT_PROMPTS[3], max_tokens=12, stream_options={"include_usage": True}
+        )
         texts, reasons = streamed_text(chunks, chat=True)
         assert done
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -173,15 +191,26 @@ def test_stop_strings_end_the_reply(client, reference):
     stop = full[3:5]
     cut = full[: full.find(stop)]
     reply = chat(client, "beta", CHAT_PROMPTS[2], max_tokens=12, stop=[stop]).json()
-    assert reply["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": cut},
-                                   "logprobs": None, "finish_reason": "stop"}
+    assert reply["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": cut},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     chunks, _ = stream_chat(client, "beta", CHAT_PROMPTS[2], max_tokens=12, stop=stop)
     assert streamed_text(chunks, chat=True) == ({0: cut}, {0: "stop"})
 
 
 def test_seeded_sampling_repeats_whatever_shares_the_batch(served):
-    body = {"model": "gamma", "prompt": "Once upon", "max_tokens": 8, "temperature": 0.9, "top_p": 0.9,
-            "seed": 7, "n": 3}
+    body = {
+        "model": "gamma",
+        "prompt": "Once upon",
+        "max_tokens": 8,
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "seed": 7,
+        "n": 3,
+    }
 
     def ask(_):
         with served.client() as c:
@@ -199,16 +228,20 @@ def test_seeded_sampling_repeats_whatever_shares_the_batch(served):
 def test_the_openai_client_works_unchanged(served, reference):
     api = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in api.models.list()] == [BASE, *LAYER_ADAPTERS]
-    reply = api.chat.completions.create(model="alpha", messages=[{"role": "user", "content": CHAT_PROMPTS[0]}],
-                                        max_tokens=9, temperature=0)
+    reply = api.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": CHAT_PROMPTS[0]}], max_tokens=9, temperature=0
+    )
     assert reply.choices[0].message.content == reference.chat(CHAT_PROMPTS[0], "alpha", 9)[0]
     assert reply.usage.completion_tokens == reference.chat(CHAT_PROMPTS[0], "alpha", 9)[1]
     text = api.completions.create(model=BASE, prompt=TEXT_PROMPTS[1], max_tokens=5, temperature=0)
     assert text.choices[0].text == reference.completion(TEXT_PROMPTS[1], BASE, 5)[0]
-    stream = api.chat.completions.create(model="gamma", messages=[{"role": "user", "content": CHAT_PROMPTS[4]}],
-                                         max_tokens=7, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
-        reference.chat(CHAT_PROMPTS[4], "gamma", 7)[0]
+    stream = api.chat.completions.create(
+        model="gamma", messages=[{"role": "user", "content": CHAT_PROMPTS[4]}], max_tokens=7, temperature=0, stream=True
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        == reference.chat(CHAT_PROMPTS[4], "gamma", 7)[0]
+    )
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -226,8 +259,12 @@ def error_of(response, status):
 def test_bad_requests_get_openai_errors_naming_the_field(client, served):
     error = error_of(chat(client, "nope", "x"), 404)
     assert error["param"] == "model" and error["code"] == "model_not_found" and "alpha" in error["message"]
-    error = error_of(client.post("/v1/chat/completions", content=b'{"model": "alpha",',
-                                 headers={"content-type": "application/json"}), 400)
+    error = error_of(
+        client.post(
+            "/v1/chat/completions", content=b'{"model": "alpha",', headers={"content-type": "application/json"}
+        ),
+        400,
+    )
     assert "not valid JSON" in error["message"]
     assert error_of(chat(client, "alpha", "x", max_tokens="5"), 400)["param"] == "max_tokens"
     assert error_of(chat(client, "alpha", "x", max_tokens=0), 400)["param"] == "max_tokens"
@@ -279,15 +316,22 @@ def test_load_and_unload_under_traffic(served, reference, paths):
             want = reference.chat(CHAT_PROMPTS[5], "gamma", 40)[0]
             assert chat(c, "delta", CHAT_PROMPTS[5], max_tokens=40).json()["choices"][0]["message"]["content"] == want
             # a long streamed request for delta is running while delta is unloaded
-            body = {"model": "delta", "messages": [{"role": "user", "content": CHAT_PROMPTS[5]}], "max_tokens": 40,
-                    "temperature": 0, "stream": True}
+            body = {
+                "model": "delta",
+                "messages": [{"role": "user", "content": CHAT_PROMPTS[5]}],
+                "max_tokens": 40,
+                "temperature": 0,
+                "stream": True,
+            }
             with served.client() as streamer, streamer.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()
                 next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
                 pool = concurrent.futures.ThreadPoolExecutor(1)
                 deleted = pool.submit(c.delete, "/v1/adapters/delta")
-                wait_for(lambda: "delta" not in [m["id"] for m in c.get("/v1/models").json()["data"]],
-                         "delta to stop being listed")
+                wait_for(
+                    lambda: "delta" not in [m["id"] for m in c.get("/v1/models").json()["data"]],
+                    "delta to stop being listed",
+                )
                 assert error_of(chat(c, "delta", "x"), 404)["code"] == "model_not_found"
                 rest = list(lines)
             streamed = streamed_text(read_stream_lines(rest), chat=True)[0][0]
@@ -348,8 +392,13 @@ def test_without_an_adapter_folder_clients_load_nothing(assets, paths):
 def test_api_key_guards_every_endpoint(assets):
     with serving(assets.llama, api_key="s3cret") as s:
         with s.client() as c:
-            for method, path in (("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"),
-                                 ("POST", "/v1/chat/completions"), ("POST", "/v1/adapters")):
+            for method, path in (
+                ("GET", "/health"),
+                ("GET", "/metrics"),
+                ("GET", "/v1/models"),
+                ("POST", "/v1/chat/completions"),
+                ("POST", "/v1/adapters"),
+            ):
                 error = error_of(c.request(method, path, json={}), 401)
                 assert error["type"] == "authentication_error"
             assert error_of(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
@@ -410,28 +459,40 @@ def test_a_client_that_disconnects_frees_its_rows(served):
     body = {"model": "alpha", "prompt": "Once", "max_tokens": 500, "temperature": 0, "stream": True}
     with served.client() as c, c.stream("POST", "/v1/completions", json=body) as response:
         next(line for line in response.iter_lines() if line.startswith("data: "))
-    wait_for(lambda: served.state.batcher.running_rows == 0 and not served.state.batcher.in_flight,
-             "the abandoned rows to leave")
+    wait_for(
+        lambda: served.state.batcher.running_rows == 0 and not served.state.batcher.in_flight,
+        "the abandoned rows to leave",
+    )
     assert _counter(generated, "alpha") - before < 500
     with served.client() as c:
         with pytest.raises(httpx2.TimeoutException):  # the client gives up on a whole reply, and closes
             c.post("/v1/completions", json={**body, "stream": False}, timeout=httpx2.Timeout(0.3))
-    wait_for(lambda: served.state.batcher.running_rows == 0 and not served.state.batcher.in_flight,
-             "the abandoned whole reply to leave")
+    wait_for(
+        lambda: served.state.batcher.running_rows == 0 and not served.state.batcher.in_flight,
+        "the abandoned whole reply to leave",
+    )
     assert _counter(generated, "alpha") - before < 1000
 
 
 def _counter(counter, model):
-    return next((s.value for s in counter.collect()[0].samples
-                 if s.name.endswith("_total") and s.labels.get("model") == model), 0.0)
+    return next(
+        (s.value for s in counter.collect()[0].samples if s.name.endswith("_total") and s.labels.get("model") == model),
+        0.0,
+    )
 
 
 def test_health_and_metrics(client):
     assert client.get("/health").json()["status"] == "ok"
     chat(client, "beta", "count me")
     text = client.get("/metrics").text
-    for name in ("deltatune_requests_total{", "deltatune_generated_tokens_total{", "deltatune_queue_depth",
-                 "deltatune_running_rows", "deltatune_request_latency_seconds_bucket", "deltatune_time_to_first_token"):
+    for name in (
+        "deltatune_requests_total{",
+        "deltatune_generated_tokens_total{",
+        "deltatune_queue_depth",
+        "deltatune_running_rows",
+        "deltatune_request_latency_seconds_bucket",
+        "deltatune_time_to_first_token",
+    ):
         assert name in text, name
     assert 'model="beta"' in text and 'status="200"' in text
 
@@ -441,9 +502,13 @@ def test_sigterm_finishes_requests_in_flight_then_exits(assets, paths):
     """A real ``deltatune serve`` process: SIGTERM while a long request runs; that request completes."""
     port = free_port()
     process = subprocess.Popen(
-        deltatune_command("serve", "--model", str(assets.llama), "--adapter", f"alpha={paths['alpha']}",
-                          "--port", str(port)),
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        deltatune_command(
+            "serve", "--model", str(assets.llama), "--adapter", f"alpha={paths['alpha']}", "--port", str(port)
+        ),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -476,14 +541,12 @@ def test_sigterm_finishes_requests_in_flight_then_exits(assets, paths):
 def test_serve_refuses_bad_options(assets, paths, tmp_path):
     from tiny_assets import invoke
 
-    result = invoke("serve", "--model", str(assets.llama), "--adapter", f"p={paths['prompted']}",
-                    "--port", "0")
+    result = invoke("serve", "--model", str(assets.llama), "--adapter", f"p={paths['prompted']}", "--port", "0")
     assert result.exit_code != 0 and "virtual tokens" in result.output
     result = invoke("serve", "--model", str(assets.llama), "--adapter", "nonsense")
     assert result.exit_code != 0 and "nonsense" in result.output
     result = invoke("serve", "--model", str(assets.llama), "--adapter-dir", str(tmp_path / "none"))
     assert result.exit_code != 0 and "no such folder" in result.output
-
 
 
 def test_the_readme_openai_example_runs_against_a_server(assets, paths, capsys):
@@ -492,8 +555,7 @@ def test_the_readme_openai_example_runs_against_a_server(assets, paths, capsys):
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from openai import" in b)
-    with serving(assets.llama, {"legal": paths["alpha"]}, base_name="smollm2-135m-instruct",
-                 default_max_tokens=6) as s:
+    with serving(assets.llama, {"legal": paths["alpha"]}, base_name="smollm2-135m-instruct", default_max_tokens=6) as s:
         exec(compile(block.replace("http://localhost:8000", s.url), "README.md", "exec"), {})
     assert "completion_tokens=6" in capsys.readouterr().out
 

@@ -27,6 +27,7 @@ from deltatune.adapter_layer import AdapterLayer
 
 logger = logging.getLogger("deltatune")
 
+
 class TargetModuleError(ValueError):
     """The config names modules that the model does not have, or that the method cannot wrap."""
 

@@ -44,7 +44,15 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def _chunked(  # noqa: ANN202
-    hidden, weight, bias, targets, chunk_rows, want_hidden, want_weight, want_bias, logits_out=None  # noqa: ANN001
+    hidden,
+    weight,
+    bias,
+    targets,
+    chunk_rows,
+    want_hidden,
+    want_weight,
+    want_bias,
+    logits_out=None,  # noqa: ANN001
 ):
     """The summed loss and, as asked, its gradients: ``chunk_rows`` rows of logits at a time.
 

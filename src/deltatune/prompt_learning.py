@@ -89,20 +89,12 @@ class PromptLearningConfig(PeftConfig):
             self.num_attention_heads = _first_attr(config, ("num_attention_heads", "num_heads", "n_head"))
 
 
-
-
 def _first_attr(config: Any, names: tuple[str, ...]) -> int:
     for name in names:
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
     raise ConfigError(f"the model config has none of {names}; set the field in the adapter config")
-
-
-
-
-
-
 
 
 def check_length(model: nn.Module, length: int, num_virtual_tokens: int) -> None:

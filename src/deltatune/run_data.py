@@ -111,6 +111,7 @@ def packed(task: Task, examples: list[Any], options: dict[str, Any], say: Any) -
 def read_records(path: str | Path, columns: list[str] | None, on_bad_row: str) -> list[dict[str, Any]]:
     """A user file's records: conversations (any format of :mod:`deltatune.conversations`) as
     ``{"messages": [...]}``, other data with ``columns`` required and kept."""
+
     def wanted(first: dict[str, Any]) -> list[str] | None:
         return None if conversations.conversation_format(first) is not None else columns
 

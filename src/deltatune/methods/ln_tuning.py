@@ -169,9 +169,7 @@ def attach_ln_tuning(model: nn.Module, adapter_name: str, config: PeftConfig) ->
     return paths
 
 
-LN_TUNING = register_method(
-    Method(peft_type=PeftType.LN_TUNING, config_class=LNTuningConfig, attach=attach_ln_tuning)
-)
+LN_TUNING = register_method(Method(peft_type=PeftType.LN_TUNING, config_class=LNTuningConfig, attach=attach_ln_tuning))
 
 register_training_defaults(
     "ln-tuning",

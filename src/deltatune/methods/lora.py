@@ -744,7 +744,10 @@ register_training_defaults(
     "lora",
     TrainingDefaults(
         uses=("r", "alpha", "dropout", "use_rslora", "init_lora_weights", *MODULE_OPTIONS),
-        lr=5e-4, options=_LORA_DEFAULTS, source="all-linear r=16 (QLoRA paper); lr measured", config=config_from_options
+        lr=5e-4,
+        options=_LORA_DEFAULTS,
+        source="all-linear r=16 (QLoRA paper); lr measured",
+        config=config_from_options,
     ),
 )
 register_training_defaults(

@@ -248,7 +248,11 @@ register_training_defaults(
     "prefix",
     TrainingDefaults(
         uses=(
-            "virtual_tokens", "virtual_init", "prefix_projection", "encoder_hidden_size", "prompt_init_text",
+            "virtual_tokens",
+            "virtual_init",
+            "prefix_projection",
+            "encoder_hidden_size",
+            "prompt_init_text",
             "modules_to_save",
         ),
         lr=5e-3,

@@ -323,7 +323,11 @@ register_training_defaults(
     "ptuning",
     TrainingDefaults(
         uses=(
-            "virtual_tokens", "virtual_init", "encoder_hidden_size", "encoder_type", "prompt_init_text",
+            "virtual_tokens",
+            "virtual_init",
+            "encoder_hidden_size",
+            "encoder_type",
+            "prompt_init_text",
             "modules_to_save",
         ),
         lr=1e-2,

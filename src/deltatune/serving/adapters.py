@@ -60,39 +60,56 @@ class AdapterCatalog:
         if closing:
             raise ServeError(404, f"adapter {model!r} is being unloaded", param="model", code="model_not_found")
         known = ", ".join([self.base_name, *self.names()])
-        raise ServeError(404, f"the model {model!r} does not exist; models: {known}", param="model",
-                         code="model_not_found")
+        raise ServeError(
+            404, f"the model {model!r} does not exist; models: {known}", param="model", code="model_not_found"
+        )
 
     # -- loading --------------------------------------------------------------------------------
     def client_path(self, path: str) -> Path:
         """The folder a client named, if the server may read it (inside ``--adapter-dir``)."""
         if self.adapter_dir is None:
             raise ServeError(
-                403, "this server loads no adapters at a client's request: start it with --adapter-dir DIR to "
-                "allow adapters from inside DIR", param="path", kind="permission_error",
+                403,
+                "this server loads no adapters at a client's request: start it with --adapter-dir DIR to "
+                "allow adapters from inside DIR",
+                param="path",
+                kind="permission_error",
             )
         candidate = Path(path)
         resolved = (candidate if candidate.is_absolute() else self.adapter_dir / candidate).resolve()
         if not resolved.is_relative_to(self.adapter_dir):
             raise ServeError(
-                403, f"{path!r} is outside the server's adapter folder; name a folder inside it (relative paths "
-                "are read from there)", param="path", kind="permission_error",
+                403,
+                f"{path!r} is outside the server's adapter folder; name a folder inside it (relative paths "
+                "are read from there)",
+                param="path",
+                kind="permission_error",
             )
         if not resolved.is_dir():
-            raise ServeError(404, f"no adapter folder {path!r} in the server's adapter folder", param="path",
-                             code="adapter_not_found")
+            raise ServeError(
+                404,
+                f"no adapter folder {path!r} in the server's adapter folder",
+                param="path",
+                code="adapter_not_found",
+            )
         return resolved
 
     def load(self, name: str, folder: Path, confined: bool = True) -> dict[str, Any]:
         """Check and load the adapter in ``folder`` (a run folder or an adapter folder) as ``name``."""
         if not isinstance(name, str) or not NAME.match(name) or name == BASE_ROW:
-            raise ServeError(400, f"adapter name {name!r}: use letters, digits and . _ : / - (at most 128)",
-                             param="name")
+            raise ServeError(
+                400, f"adapter name {name!r}: use letters, digits and . _ : / - (at most 128)", param="name"
+            )
         with self._lock:
             taken = name == self.base_name or name in self._loaded
         if taken:
-            raise ServeError(409, f"the name {name!r} is taken; unload it first or choose another", param="name",
-                             kind="conflict_error", code="name_taken")
+            raise ServeError(
+                409,
+                f"the name {name!r} is taken; unload it first or choose another",
+                param="name",
+                kind="conflict_error",
+                code="name_taken",
+            )
         try:
             trained = resolve_trained(folder)
         except (FileNotFoundError, ValueError) as err:
@@ -100,11 +117,18 @@ class AdapterCatalog:
         adapter_folder = trained.folder.resolve()
         if confined:
             # a file inside the folder may be a link out of it: every file read must resolve inside too
-            leaks = [p.name for p in [adapter_folder, *adapter_folder.iterdir()]
-                     if not p.resolve().is_relative_to(self.adapter_dir)]
+            leaks = [
+                p.name
+                for p in [adapter_folder, *adapter_folder.iterdir()]
+                if not p.resolve().is_relative_to(self.adapter_dir)
+            ]
             if leaks:
-                raise ServeError(403, f"{folder}: {', '.join(leaks)} leads outside the server's adapter folder",
-                                 param="path", kind="permission_error")
+                raise ServeError(
+                    403,
+                    f"{folder}: {', '.join(leaks)} leads outside the server's adapter folder",
+                    param="path",
+                    kind="permission_error",
+                )
         config = _servable_config(trained)
         self.batcher.call(lambda: self._attach(name, adapter_folder)).result()
         info = {"path": str(adapter_folder), "method": str(config.peft_type)}
@@ -121,8 +145,9 @@ class AdapterCatalog:
                 self.batcher.model = PeftModel.from_pretrained(self.batcher.model, folder, adapter_name=name)
         except (CheckpointError, ValueError, KeyError) as err:
             message = err.args[0] if err.args else str(err)
-            raise ServeError(400, f"the adapter in {folder} cannot be loaded on this base model: {message}",
-                             param="path") from None
+            raise ServeError(
+                400, f"the adapter in {folder} cannot be loaded on this base model: {message}", param="path"
+            ) from None
 
     def unload(self, name: str) -> Any:
         """Stop routing to ``name``; the future completes once its last request has finished."""
@@ -131,8 +156,12 @@ class AdapterCatalog:
             if known:
                 self._closing.add(name)
         if not known:
-            raise ServeError(404, f"no adapter named {name!r}; adapters: {', '.join(self.names()) or 'none'}",
-                             param="name", code="adapter_not_found")
+            raise ServeError(
+                404,
+                f"no adapter named {name!r}; adapters: {', '.join(self.names()) or 'none'}",
+                param="name",
+                code="adapter_not_found",
+            )
 
         def detach() -> None:
             self.batcher.model.delete_adapter(name)
@@ -153,15 +182,22 @@ def _servable_config(trained: Any) -> PeftConfig:
         raise ServeError(400, f"{where}: {err}", param="path") from None
     if config.is_prompt_learning:
         raise ServeError(
-            400, f"{where} holds a {config.peft_type} adapter: its virtual tokens go in front of every row of a "
+            400,
+            f"{where} holds a {config.peft_type} adapter: its virtual tokens go in front of every row of a "
             "batch, so it cannot share a batch with other adapters; serve it alone with deltatune generate",
-            param="path", code="unsupported_method",
+            param="path",
+            code="unsupported_method",
         )
     task = str(config.task_type or "")
     if task and task not in ("CAUSAL_LM", "TaskType.CAUSAL_LM"):
-        raise ServeError(400, f"{where} is a {task} adapter; a server generates text with CAUSAL_LM adapters",
-                         param="path", code="unsupported_task")
+        raise ServeError(
+            400,
+            f"{where} is a {task} adapter; a server generates text with CAUSAL_LM adapters",
+            param="path",
+            code="unsupported_task",
+        )
     if trained.spec is not None and trained.spec.kind == "seq-cls":
-        raise ServeError(400, f"{where} is a classifier with a head, not a generator", param="path",
-                         code="unsupported_task")
+        raise ServeError(
+            400, f"{where} is a classifier with a head, not a generator", param="path", code="unsupported_task"
+        )
     return config

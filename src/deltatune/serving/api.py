@@ -66,8 +66,12 @@ def build_app(state: ServerState) -> FastAPI:
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-            raise ServeError(401, "a valid API key is needed: send the header Authorization: Bearer KEY",
-                             kind="authentication_error", code="invalid_api_key")
+            raise ServeError(
+                401,
+                "a valid API key is needed: send the header Authorization: Bearer KEY",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
 
     app = FastAPI(title="deltatune serve", dependencies=[Depends(check_key)], docs_url=None, redoc_url=None)
     app.state.serve = state
@@ -83,13 +87,15 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: HTTPRequest, error: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(ServeError(error.status_code, str(error.detail), kind=kind)),
-                            status_code=error.status_code)
+        return JSONResponse(
+            error_body(ServeError(error.status_code, str(error.detail), kind=kind)), status_code=error.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: HTTPRequest, error: Exception) -> JSONResponse:
-        return JSONResponse(error_body(ServeError(500, f"internal error: {error}", kind="server_error")),
-                            status_code=500)
+        return JSONResponse(
+            error_body(ServeError(500, f"internal error: {error}", kind="server_error")), status_code=500
+        )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -134,8 +140,9 @@ def build_app(state: ServerState) -> FastAPI:
         adapter = state.catalog.route(body.model)
         turns = [{"role": m.role, "content": m.text} for m in body.messages]
         if not getattr(state.tokenizer, "chat_template", None):
-            raise ServeError(400, f"{state.base_name} has no chat template; send the prompt to /v1/completions",
-                             param="messages")
+            raise ServeError(
+                400, f"{state.base_name} has no chat template; send the prompt to /v1/completions", param="messages"
+            )
         ids = state.tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=True)["input_ids"]
         return await complete(state, request, body, adapter, [list(ids)], "chat", "messages")
 
@@ -171,23 +178,36 @@ def validation_error(error: RequestValidationError) -> ServeError:
 def _sampling(state: ServerState, body: Any, prompt_tokens: int, prompt_field: str) -> Sampling:
     context = state.batcher.context_length
     if prompt_tokens >= context:
-        raise ServeError(400, f"the prompt has {prompt_tokens} tokens; the model's context is {context} tokens",
-                         param=prompt_field, code="context_length_exceeded")
+        raise ServeError(
+            400,
+            f"the prompt has {prompt_tokens} tokens; the model's context is {context} tokens",
+            param=prompt_field,
+            code="context_length_exceeded",
+        )
     room = context - prompt_tokens
     limit = body.token_limit
     if limit is None:
         limit = min(state.default_max_tokens, room)
     elif limit > room:
         raise ServeError(
-            400, f"max_tokens is {limit}, but the prompt has {prompt_tokens} of the model's {context} tokens: at most "
-            f"{room} here", param="max_tokens", code="context_length_exceeded",
+            400,
+            f"max_tokens is {limit}, but the prompt has {prompt_tokens} of the model's {context} tokens: at most "
+            f"{room} here",
+            param="max_tokens",
+            code="context_length_exceeded",
         )
-    return Sampling(max_tokens=limit, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings,
-                    seed=body.seed)
+    return Sampling(
+        max_tokens=limit, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings, seed=body.seed
+    )
 
 
 async def complete(
-    state: ServerState, http: HTTPRequest, body: Any, adapter: str | None, prompts: list[list[int]], kind: str,
+    state: ServerState,
+    http: HTTPRequest,
+    body: Any,
+    adapter: str | None,
+    prompts: list[list[int]],
+    kind: str,
     prompt_field: str,
 ) -> Response:
     """Submit one request per prompt and answer in one reply, or as a stream."""
@@ -200,8 +220,9 @@ async def complete(
     requests: list[Request] = []
     try:
         for k, (ids, sampling) in enumerate(zip(prompts, samplings)):
-            request = Request(ids, adapter, sampling, _emitter(loop, events, k), n=body.n,
-                              timeout=state.request_timeout)
+            request = Request(
+                ids, adapter, sampling, _emitter(loop, events, k), n=body.n, timeout=state.request_timeout
+            )
             state.batcher.submit(request)
             requests.append(request)
     except ServeError as err:
@@ -213,8 +234,11 @@ async def complete(
     state.metrics.prompt_tokens.labels(state.metrics.label(adapter)).inc(prompt_tokens)
     reply = _Reply(state, body, kind, endpoint, requests, events, prompt_tokens)
     if body.stream:
-        return StreamingResponse(reply.stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            reply.stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return JSONResponse(await reply.whole(http))
 
 
@@ -228,8 +252,16 @@ def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, prompt: int
 class _Reply:
     """The events of a completion's requests, as one OpenAI reply or as its stream of chunks."""
 
-    def __init__(self, state: ServerState, body: Any, kind: str, endpoint: str, requests: list[Request],
-                 events: asyncio.Queue, prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        body: Any,
+        kind: str,
+        endpoint: str,
+        requests: list[Request],
+        events: asyncio.Queue,
+        prompt_tokens: int,
+    ) -> None:
         self.state, self.body, self.kind, self.endpoint = state, body, kind, endpoint
         self.requests, self.events = requests, events
         self.prompt_tokens = prompt_tokens
@@ -240,8 +272,11 @@ class _Reply:
 
     def usage(self) -> dict[str, int]:
         completion = sum(r.completion_tokens for r in self.requests)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
     def _record(self, status: int) -> None:
         self.state.metrics.requests.labels(self.endpoint, self.body.model, str(status)).inc()
@@ -287,20 +322,35 @@ class _Reply:
             raise
         self._record(200)
         if self.kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons))
+            ]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [
+                {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons))
+            ]
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
-                "choices": choices, "usage": self.usage()}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.body.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        chunk: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
-                                 "choices": choices}
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.body.model,
+            "choices": choices,
+        }
         if usage is not None:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"

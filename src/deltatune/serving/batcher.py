@@ -45,8 +45,13 @@ class ServeError(Exception):
     """An error a client gets as OpenAI's JSON error object, with an HTTP status."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-        code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -71,8 +76,13 @@ class Request:
     _ids = itertools.count()
 
     def __init__(
-        self, prompt_ids: list[int], adapter: str | None, sampling: Sampling, emit: Callable[[Event], None],
-        n: int = 1, timeout: float | None = None,
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        sampling: Sampling,
+        emit: Callable[[Event], None],
+        n: int = 1,
+        timeout: float | None = None,
     ) -> None:
         self.id = next(self._ids)
         self.prompt_ids = list(prompt_ids)
@@ -104,8 +114,14 @@ class Batcher:
     """The decoding loop. ``submit`` queues a request; ``call`` runs a function between steps."""
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 32, max_queue: int = 256,
-        context_length: int, metrics: Any = None,
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        context_length: int,
+        metrics: Any = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -155,8 +171,11 @@ class Batcher:
             if len(self._waiting) >= self.max_queue:
                 retry = max(1, round(self.average_seconds * (1 + len(self._waiting) / self.max_batch)))
                 raise ServeError(
-                    429, f"the queue is full ({self.max_queue} requests wait); retry in {retry} s",
-                    kind="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)},
+                    429,
+                    f"the queue is full ({self.max_queue} requests wait); retry in {retry} s",
+                    kind="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(retry)},
                 )
             self._waiting.append(request)
             self.in_flight[request.adapter] = self.in_flight.get(request.adapter, 0) + 1
@@ -273,8 +292,12 @@ class Batcher:
             cache.batch_repeat_interleave(n)
             logits = logits.expand(n, -1)
         rows = [
-            _Row(request, c, TextStream(self.tokenizer, request.sampling.stop),
-                 generator_for(request.sampling, c, self.device))
+            _Row(
+                request,
+                c,
+                TextStream(self.tokenizer, request.sampling.stop),
+                generator_for(request.sampling, c, self.device),
+            )
             for c in range(n)
         ]
         length = ids.shape[1]
@@ -282,8 +305,10 @@ class Batcher:
         self._rows.extend(rows)
         start = len(self._rows) - n
         first = [sample(logits[i], r.request.sampling, r.generator) for i, r in enumerate(rows)]
-        self._last = torch.cat([self._last, torch.tensor(first, device=self.device)]) if start else torch.tensor(
-            first, device=self.device
+        self._last = (
+            torch.cat([self._last, torch.tensor(first, device=self.device)])
+            if start
+            else torch.tensor(first, device=self.device)
         )
         if self.metrics is not None:
             self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
@@ -299,9 +324,7 @@ class Batcher:
         longest = max(old, length)
         for mine, theirs in zip(self._cache.layers, cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, longest - old), _pad_left(theirs.keys, longest - length)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, longest - old), _pad_left(theirs.values, longest - length)]
-            )
+            mine.values = torch.cat([_pad_left(mine.values, longest - old), _pad_left(theirs.values, longest - length)])
         self._mask = torch.cat([F.pad(self._mask, (longest - old, 0)), F.pad(mask, (longest - length, 0))])
         self._positions = torch.cat([self._positions, positions])
 
@@ -412,5 +435,6 @@ def _gone(request: Request, now: float) -> bool:
 
 def _timeout_error(request: Request) -> ServeError:
     seconds = request.deadline - request.submitted
-    return ServeError(504, f"the request took longer than the server's timeout ({seconds:g} s)", kind="timeout_error",
-                      code="timeout")
+    return ServeError(
+        504, f"the request took longer than the server's timeout ({seconds:g} s)", kind="timeout_error", code="timeout"
+    )

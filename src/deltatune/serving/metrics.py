@@ -19,8 +19,10 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "deltatune_requests", "Requests answered, by endpoint, model and HTTP status.",
-            ["endpoint", "model", "status"], registry=r,
+            "deltatune_requests",
+            "Requests answered, by endpoint, model and HTTP status.",
+            ["endpoint", "model", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter("deltatune_prompt_tokens", "Prompt tokens read, by model.", ["model"], registry=r)
         self.generated_tokens = Counter(
@@ -32,12 +34,17 @@ class ServerMetrics:
             "deltatune_batch_rows", "Rows in each decoding step.", buckets=BATCH_BUCKETS, registry=r
         )
         self.latency = Histogram(
-            "deltatune_request_latency_seconds", "Time from a request's arrival to its last token.", ["endpoint"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "deltatune_request_latency_seconds",
+            "Time from a request's arrival to its last token.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
-            "deltatune_time_to_first_token_seconds", "Time from a request's arrival to its first token.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "deltatune_time_to_first_token_seconds",
+            "Time from a request's arrival to its first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
 
     def label(self, adapter: str | None) -> str:

@@ -67,9 +67,17 @@ def context_length(model: torch.nn.Module, tokenizer: Any) -> int:
 
 
 def build_state(
-    model: torch.nn.Module, tokenizer: Any, *, base_name: str, adapters: list[tuple[str, Path]] = (),
-    adapter_dir: Path | None = None, max_batch: int = 32, max_queue: int = 256, api_key: str | None = None,
-    request_timeout: float | None = 600.0, default_max_tokens: int = 256,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    base_name: str,
+    adapters: list[tuple[str, Path]] = (),
+    adapter_dir: Path | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    api_key: str | None = None,
+    request_timeout: float | None = 600.0,
+    default_max_tokens: int = 256,
 ) -> ServerState:
     """A running batcher over ``model`` with the operator's adapters loaded; stop it with ``state.batcher.stop()``."""
     if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
@@ -78,8 +86,14 @@ def build_state(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     metrics = ServerMetrics(base_name)
-    batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                      context_length=context_length(model, tokenizer), metrics=metrics)
+    batcher = Batcher(
+        model,
+        tokenizer,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        context_length=context_length(model, tokenizer),
+        metrics=metrics,
+    )
     catalog = AdapterCatalog(batcher, base_name, adapter_dir)
     batcher.start()
     try:
@@ -91,8 +105,16 @@ def build_state(
     except BaseException:
         batcher.stop()
         raise
-    return ServerState(batcher=batcher, catalog=catalog, tokenizer=tokenizer, metrics=metrics, base_name=base_name,
-                       api_key=api_key, request_timeout=request_timeout, default_max_tokens=default_max_tokens)
+    return ServerState(
+        batcher=batcher,
+        catalog=catalog,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        base_name=base_name,
+        api_key=api_key,
+        request_timeout=request_timeout,
+        default_max_tokens=default_max_tokens,
+    )
 
 
 def run_server(options: dict[str, Any]) -> None:
@@ -105,17 +127,28 @@ def run_server(options: dict[str, Any]) -> None:
     device = options.get("device") or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(base_name, task="causal-lm", allow_hub=False,
-                                  quantize=options.get("quantize") or "none", device=device)
+    model, tokenizer = load_model(
+        base_name, task="causal-lm", allow_hub=False, quantize=options.get("quantize") or "none", device=device
+    )
     if (options.get("quantize") or "none") == "none":
         model.to(device)
     state = build_state(
-        model, tokenizer, base_name=base_name, adapters=adapters, adapter_dir=adapter_dir,
-        max_batch=options["max_batch"], max_queue=options["max_queue"], api_key=options.get("api_key"),
-        request_timeout=options.get("request_timeout") or None, default_max_tokens=options["max_tokens"],
+        model,
+        tokenizer,
+        base_name=base_name,
+        adapters=adapters,
+        adapter_dir=adapter_dir,
+        max_batch=options["max_batch"],
+        max_queue=options["max_queue"],
+        api_key=options.get("api_key"),
+        request_timeout=options.get("request_timeout") or None,
+        default_max_tokens=options["max_tokens"],
     )
     config = uvicorn.Config(
-        build_app(state), host=options["host"], port=options["port"], log_level="warning",
+        build_app(state),
+        host=options["host"],
+        port=options["port"],
+        log_level="warning",
         timeout_graceful_shutdown=options.get("drain_timeout") or None,
     )
     server = DrainingServer(config, state)
