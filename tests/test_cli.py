@@ -698,3 +698,18 @@ def test_label_generation_on_a_file_without_labels_names_the_file(assets, tmp_pa
     message = failure_text(result)
     assert str(data) in message and "'label'" in message
     assert_no_traceback(result)
+
+
+def test_a_run_shows_no_import_time_warnings_of_optional_libraries(assets):
+    """transformers imports torchao whenever it is installed; its import-time warnings (kernels for
+    other devices and Python builds) are nothing a user can act on and stay out of a run's output."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchao")
+    command = [sys.executable, "-m", "deltatune", "eval", "--model", str(assets.llama), "--data", str(assets.cls_csv)]
+    done = subprocess.run([*command, "--max-examples", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "accuracy" in done.stdout
+    for noise in ("Failed to load", "Detected no triton", "register_constant"):
+        assert noise not in done.stderr, done.stderr

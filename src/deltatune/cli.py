@@ -75,7 +75,9 @@ config_option = click.option(
 def main(verbose: bool) -> None:
     """Parameter-efficient fine-tuning: LoRA, DoRA, IA3, prompt/prefix tuning, bottleneck adapters."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "httpx", "huggingface_hub"):
+    # torchao (imported by transformers whenever it is installed) warns at import about kernels for
+    # other devices and Python builds, and its enums trip a torch deprecation warning: nothing a run can act on
+    for noisy in ("transformers", "httpx", "huggingface_hub", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
