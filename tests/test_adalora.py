@@ -24,8 +24,9 @@ def _logits(model, kind="llama"):
         return model(**tiny_inputs(kind)).logits
 
 
-def _train_with_allocation(model, steps, lr=0.5):
-    """SGD steps with ``update_and_allocate`` after each backward (HF PEFT's loop); each step's E and ranks."""
+def _train_with_allocation(model, steps, lr=0.5, skipped=()):
+    """SGD steps with ``update_and_allocate`` after each backward (HF PEFT's loop); each step's E and ranks.
+    A step in ``skipped`` has neither update nor allocation, as ``deltatune train --on-nan skip`` drops one."""
     batch = {**tiny_inputs("llama"), "labels": tiny_inputs("llama")["input_ids"]}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -33,8 +34,9 @@ def _train_with_allocation(model, steps, lr=0.5):
     for step in range(1, steps + 1):
         loss = model(**batch).loss
         loss.backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
+        if step not in skipped:
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
         optimizer.zero_grad()
         E = {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n}
         pattern = {k.replace(".default", ""): v for k, v in (model.peft_config["default"].rank_pattern or {}).items()}
@@ -183,6 +185,27 @@ def test_a_step_with_non_finite_gradients_leaves_the_allocation_alone():
     assert model.peft_config["default"].rank_pattern == history[-1][2]
     allocator = model.base_model.__dict__["_step_hooks"]["default"]
     assert all(torch.isfinite(t).all() for t in allocator.smoothed.values())
+
+
+@pytest.mark.parametrize("skipped", [(), (8,), (7, 8, 9)])
+def test_the_final_mask_is_made_even_when_its_step_was_skipped(skipped):
+    """The schedule's last periodic mask (step 4) leaves more than the target; the final one, due at
+    step 8, is made at the first step that runs from there on."""
+    schedule = {**SCHEDULE, "tinit": 1, "tfinal": 2, "deltaT": 4}
+    fields = {**schedule, "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM"}
+    torch.manual_seed(0)
+    model = dt.get_peft_model(tiny_model("llama"), dt.AdaLoraConfig(**fields))
+    history = _train_with_allocation(model, 10, skipped=skipped)
+    kept = [sum(sum(mask) for mask in pattern.values()) for _, _, pattern in history]
+    assert kept[3] > 3 * 6  # step 4's mask is above the target
+    assert kept[-1] == 3 * 6
+    allocator = model.base_model.__dict__["_step_hooks"]["default"]
+    assert allocator.smoothed == {}  # the importance averages are let go once the final mask is made
+    E = {n: p for n, p in model.named_parameters() if "lora_E" in n}
+    pattern = model.peft_config["default"].rank_pattern
+    for name, values in E.items():
+        mask = torch.tensor(pattern[name.removeprefix("base_model.model.").removesuffix(".default")])
+        assert torch.all(values[~mask] == 0), name
 
 
 def test_adalora_cannot_train_sharded():

@@ -261,6 +261,7 @@ class RankAllocator:
         # By "<layer path>.<tensor>": the smoothed importance and its uncertainty (survive deepcopy and .to()).
         self.smoothed: dict[str, torch.Tensor] = {}
         self.uncertainty: dict[str, torch.Tensor] = {}
+        self.final_mask_made = False
 
     def budget(self, step: int) -> tuple[int, bool]:
         """``(budget, mask now)`` at ``step``: the cubic schedule between ``tinit`` and ``total - tfinal``."""
@@ -350,9 +351,13 @@ class RankAllocator:
             budget, mask_now = self.budget(global_step)
             if mask_now:
                 self.config.rank_pattern = self.mask_to(budget)
-        elif global_step == final:
-            self.config.rank_pattern = self.mask_to(self.budget(global_step)[0])
+        elif not self.final_mask_made and self.smoothed:
+            # Due at ``final``, or at the first step after it that runs: a skipped step (a non-finite
+            # loss under --on-nan skip) must not leave the last periodic mask, above the target, in place.
+            # (Without averages, an allocator made after the final step, there is nothing to mask by.)
+            self.config.rank_pattern = self.mask_to(self.budget(final)[0])
             self.smoothed, self.uncertainty = {}, {}
+            self.final_mask_made = True
         elif self.config.rank_pattern:
             self.apply_pattern(self.config.rank_pattern)
 
