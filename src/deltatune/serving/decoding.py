@@ -6,11 +6,14 @@ set of likeliest tokens whose probabilities sum to at least ``top_p`` (Holtzman 
 row draws from its own ``torch.Generator``, seeded from the request's ``seed`` when given, so a
 seeded request gives the same reply whatever else shares its batch.
 
-The text is decoded from all generated ids each time (a token can complete a multi-byte character
-that the previous one started, so decoding token by token would emit broken characters) and sent
-in pieces: a piece that ends in an incomplete character waits for the next token, and with stop
-strings the last ``len(longest stop) - 1`` characters wait too, since they may be the start of a
-stop string that the next token completes. A stop string ends the reply and is not part of it.
+The text grows by decoding only the last few ids each time: the ids since the text was last
+complete, behind a few ids of context, minus the context's own text. Decoding token by token would
+break a multi-byte character that two tokens share, and lose the space a tokenizer drops at the
+start of a decode; decoding every generated id each time costs time quadratic in the reply's length.
+The text is sent in pieces: a piece that ends in an incomplete character waits for the next token,
+and with stop strings the last ``len(longest stop) - 1`` characters wait too, since they may be the
+start of a stop string that the next token completes. A stop string ends the reply and is not part
+of it.
 """
 
 from __future__ import annotations
@@ -62,22 +65,57 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class IncrementalText:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` of a growing list of ids, decoding a few ids per token.
+
+    ``complete`` is the text of ``ids[:mark]``, where that text last ended on a whole character. A new
+    token decodes ``ids[start:]`` with ``start`` a few ids before ``mark``: that window's text, less
+    the text of ``ids[start:mark]``, is what the ids since ``mark`` add (the context keeps a leading
+    space that a decode would drop, and a character split across ids whole).
+    """
+
+    context = 4
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.complete = ""
+        self.mark = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """Append ``token``; the text of every id so far."""
+        self.ids.append(token)
+        start = max(0, self.mark - self.context)
+        before = self._decode(self.ids[start : self.mark])
+        window = self._decode(self.ids[start:])
+        if not window.startswith(before):  # a tokenizer whose text is not local: decode it all
+            text = self._decode(self.ids)
+            if not text.endswith(REPLACEMENT_CHARACTER):
+                self.complete, self.mark = text, len(self.ids)
+            return text
+        text = self.complete + window[len(before) :]
+        if not text.endswith(REPLACEMENT_CHARACTER):
+            self.complete, self.mark = text, len(self.ids)
+        return text
+
+
 class TextStream:
     """The reply text of one row, released piece by piece; ``stop`` strings end it."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer
+        self.decoded = IncrementalText(tokenizer)
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.ids: list[int] = []
         self.text = ""
         self.sent = 0
         self.stopped = False
 
     def add(self, token: int) -> str:
         """Add a generated token; returns the text that can be sent now (maybe empty)."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = self.decoded.add(token)
         if self.stop:
             start = max(0, self.sent - self.hold)
             found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
