@@ -35,6 +35,7 @@ BENCHMARKS = [
     "quantized",
     "end_to_end",
     "serve",
+    "stream_text",
 ]
 
 

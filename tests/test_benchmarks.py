@@ -70,3 +70,10 @@ def test_serve_benchmark_runs_the_three_servers_and_agrees_with_peft():
     assert {"throughput_serve_over_naive@4", "throughput_serve_over_per_adapter@4"} <= set(record["ratios"])
     assert all(run["tokens"] > 0 and run["p99_s"] >= run["p50_s"] > 0 for run in record["runs"].values())
     assert record["checks"]["replies_equal_to_naive_share"] == 1.0
+
+
+@pytest.mark.slow
+def test_stream_text_benchmark_agrees_with_the_naive_decode():
+    record = run_quick("bench_stream_text.py")  # the script asserts equal text before it times
+    assert set(record["ratios"]) == {"256_tokens/time_over_naive", "1024_tokens/time_over_naive"}
+    assert all(math.isfinite(v) and v > 0 for v in record["ratios"].values())
