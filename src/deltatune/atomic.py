@@ -47,10 +47,18 @@ def replace_folder(finished: Path, final: Path, aside: Path) -> None:
 
     A folder already at ``final`` is renamed to ``aside`` first and deleted only after the swap, so
     a complete folder exists under one of the two names at every instant (a reader that finds
-    ``aside`` after a kill can put it back)."""
-    if final.exists():
-        os.replace(final, aside)
+    ``aside`` after a kill can put it back). An ``aside`` left by a swap killed before its clean-up
+    is an older copy and goes first; a swap that fails (or is interrupted) between the two renames
+    puts the old folder back under ``final``."""
+    if not final.exists():
         os.replace(finished, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
+        return
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(final, aside)
+    try:
         os.replace(finished, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
