@@ -457,6 +457,54 @@ def test_loftq_start_follows_the_paper_and_beats_plain_quantization(llama_dir, t
     assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 4, "loftq_iter": iters}
 
 
+def test_loftq_leaves_layers_a_quantized_load_keeps_float_as_they_are():
+    """T5 keeps ``wo`` in float32 and a tied LM head is the embedding matrix: a quantized load never
+    quantizes them, so LoftQ gives them the plain start and leaves their weights alone (its start
+    would put the rounded weight in a float layer that the quantized base does not have)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from deltatune.quantization import kept_in_float, quantize_frozen_linear_layers
+
+    loftq = {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=128, d_model=64, d_ff=128, d_kv=16, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    )
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    )  # fmt: skip
+    for model, targets, float_names in [(t5, "all-linear", (".wo",)), (llama, ["q_proj", "lm_head"], ("lm_head",))]:
+        kept = kept_in_float(model)
+        weights = {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if n.endswith(("wo.weight", "embed_tokens.weight"))
+        }
+        peft_model = dt.get_peft_model(model, dt.LoraConfig(r=4, target_modules=targets, **loftq))
+        quantize_frozen_linear_layers(peft_model, "nf4", kept)
+        layers = dict(engine.adapter_layers(peft_model))
+        stay_float = [path for path in layers if path.endswith(float_names)]
+        assert stay_float and len(stay_float) < len(layers)
+        for path, layer in layers.items():
+            kept_float = path in stay_float
+            assert is_quantized(layer.base_layer) != kept_float, path
+            assert layer.lora_B["default"].weight.any() != kept_float, path  # LoftQ's start, or B = 0
+        now = {n.replace(".base_layer", ""): p for n, p in model.named_parameters()}
+        assert weights and all(torch.equal(now[name], weight) for name, weight in weights.items())
+
+
+def test_loftq_in_place_refuses_gpt2_conv1d_layers_it_would_leave_float():
+    from deltatune.quantization import check_quantizable_in_place, kept_in_float
+
+    from conftest import tiny_model
+
+    model = tiny_model("gpt2")
+    expected = r"Conv1D layers \(transformer\.h\.0\.attn\.c_attn, .*--init-lora-weights true"
+    with pytest.raises(ValueError, match=expected):
+        check_quantizable_in_place(model, kept_in_float(model))
+
+
 def test_loftq_on_an_already_quantized_layer_says_how_to_start_from_float(llama_dir):
     config = dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
     with pytest.raises(dt.ConfigError, match="starts from the float weights.*without quantization_config"):

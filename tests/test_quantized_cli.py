@@ -5,6 +5,7 @@ see, what is refused, and LoftQ's start from the command line."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -116,3 +117,19 @@ def test_train_loftq_without_a_loftq_grid_is_refused(cli_assets, tmp_path):
         result = invoke(*args)
         assert result.exit_code != 0 and "use --quantize nf4 or int8" in result.output, result.output
         assert not (tmp_path / quantize).exists()
+
+
+def test_train_loftq_is_lora_s_start(cli_assets, tmp_path, caplog):
+    """DoRA is refused; for a method without LoRA's start the option is ignored, as it says, and the
+    base is loaded quantized (the parallel adapter's hook on a layer survives: no in-place swap)."""
+    assets, llama64 = cli_assets
+    loftq = ("--quantize", "nf4", "--init-lora-weights", "loftq")
+    result = invoke(*train_args(assets, tmp_path / "dora", *loftq, "--method", "dora", model=llama64))
+    assert result.exit_code != 0 and "use --method lora" in result.output, result.output
+    assert not (tmp_path / "dora").exists()
+    args = ("--method", "adapter", "--placement", "parallel", "--max-steps", "2")
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        check_ok(invoke(*train_args(assets, tmp_path / "adapter", *loftq, *args, model=llama64)))
+    assert "--init-lora-weights applies to --method lora/dora, not adapter; ignored" in caplog.text
+    summary = json.loads((tmp_path / "adapter" / "summary.json").read_text())
+    assert summary["quantization"] == "nf4" and summary["base_model_bytes"] < summary["full_model_bytes"]

@@ -128,7 +128,7 @@ def quantize_frozen_linear_layers(
         for name, module in inner.named_modules()
         if type(module) is nn.Linear
         and not module.weight.requires_grad
-        and _converted(re.sub(r"\.base_layer(?=\.|$)", "", name), list(kept_in_float))
+        and not stays_float(re.sub(r"\.base_layer(?=\.|$)", "", name), kept_in_float)
     ]
     for name in names:
         linear = inner.get_submodule(name)
@@ -168,6 +168,22 @@ def quantize_frozen_linear_layers(
     return len(names)
 
 
+def check_quantizable_in_place(model: nn.Module, kept_in_float: Collection[str]) -> None:
+    """Refuse a model whose layers a quantized load converts but :func:`quantize_frozen_linear_layers`
+    does not: GPT-2-style ``Conv1D`` (its weight stored transposed)."""
+    conv1d = [
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__ == "Conv1D" and not stays_float(name, kept_in_float)
+    ]
+    if conv1d:
+        raise ValueError(
+            f"--init-lora-weights loftq quantizes the float model's nn.Linear layers in place, and this model's "
+            f"GPT-2-style Conv1D layers ({', '.join(conv1d[:3])}{', ...' if len(conv1d) > 3 else ''}) would stay "
+            "float; train them with --init-lora-weights true (a quantized load converts them)"
+        )
+
+
 def kept_in_float(model: nn.Module) -> list[str]:
     """Module names (transformers' patterns) a quantized load of ``model`` leaves in float: the output
     embeddings, tied weights, the last layer and ``_keep_in_fp32_modules``."""
@@ -182,12 +198,14 @@ def kept_in_float(model: nn.Module) -> list[str]:
     return sorted(name for name in kept if name)
 
 
-def _converted(name: str, kept: list[str]) -> bool:
+def stays_float(name: str, kept: Collection[str]) -> bool:
+    """Whether a quantized load leaves module ``name`` in float, given :func:`kept_in_float`'s names."""
+    kept = list(kept)
     try:
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:
-        return not any(name == key or name.startswith(key + ".") or name.endswith("." + key) for key in kept)
-    return should_convert_module(name, kept)
+        return any(name == key or name.startswith(key + ".") or name.endswith("." + key) for key in kept)
+    return not should_convert_module(name, kept)
 
 
 def prepare_model_for_kbit_training(

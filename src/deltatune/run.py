@@ -33,7 +33,7 @@ from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
 from deltatune.packing import check_packed_loss
 from deltatune.parallel import distributed_wrapper
 from deltatune.peft_model import PeftModel, get_peft_model
-from deltatune.quantization import kept_in_float, quantize_frozen_linear_layers
+from deltatune.quantization import check_quantizable_in_place, kept_in_float, quantize_frozen_linear_layers
 from deltatune.report import ProgressReporter, plot_curves, print_summary, printer, short_metrics
 from deltatune.reporting import Reporters
 from deltatune.run_config import RunConfig
@@ -415,7 +415,7 @@ def _load_model(
 
 def starts_from_float(config: RunConfig) -> bool:
     """Whether the run loads the float base and quantizes it after attaching the adapter (LoftQ)."""
-    return config.quantize != "none" and str(config.init_lora_weights).lower() == "loftq"
+    return config.method == "lora" and config.quantize != "none" and str(config.init_lora_weights).lower() == "loftq"
 
 
 def _encode_splits(
@@ -466,6 +466,8 @@ def _adapt(
         check_targets(model, config)
         adapter.base_model_name_or_path = spec.base_model
         kept = kept_in_float(model) if starts_from_float(config) else []  # named before adapters wrap them
+        if starts_from_float(config):
+            check_quantizable_in_place(model, kept)
         trained = get_peft_model(model, adapter)
         if starts_from_float(config):
             quantize_frozen_linear_layers(trained, config.quantize, kept)

@@ -92,6 +92,11 @@ def check_options(config: RunConfig, given: Collection[str]) -> None:
             f"--quantize {quantize} freezes the base in {quantize}, and --method full trains every weight: "
             "use a PEFT method (QLoRA: --method lora) or --quantize none"
         )
+    if str(config.init_lora_weights).lower() == "loftq" and config.method == "dora":
+        raise ValueError(
+            "--init-lora-weights loftq: deltatune train starts LoRA (--method lora) from the quantization error, "
+            "not DoRA; use --method lora, or --method dora with --init-lora-weights true"
+        )
     if str(config.init_lora_weights).lower() == "loftq" and quantize not in ("nf4", "int8"):
         raise ValueError(
             f"--init-lora-weights loftq starts the adapter so that the quantized base plus it approximates the float "

@@ -77,6 +77,8 @@ class LoraConfig(PeftConfig):
             :math:`s B_t A_t = \\mathrm{SVD}_r(W - Q_t)`; the base weight becomes the dequantized
             :math:`Q_T` (quantizing it again in that format gives :math:`Q_T` back), so that the
             quantized base plus the initial adapter approximates :math:`W`. Run it on the float model.
+            A layer that a quantized load keeps in float (the output embeddings and tied weights, a
+            model's ``_keep_in_fp32_modules``) is never quantized: it keeps :math:`W` and the plain start.
         layers_to_transform, layers_pattern: restrict to these layer indices.
         rank_pattern, alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are regexes
             matched against the end of the module path.
@@ -208,7 +210,8 @@ class LoraLinear(AdapterLayer):
         self._merged_dora_norms: dict[str, torch.Tensor] = {}
 
     # -- construction ---------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
+    def add_adapter(self, name: str, config: PeftConfig, module_path: str, plain_start: bool = False) -> None:
+        """``plain_start``: the default start (B = 0) whatever ``init_lora_weights`` says."""
         assert isinstance(config, LoraConfig)
         r, alpha = config.rank_and_alpha(module_path)
         view = self.base
@@ -217,7 +220,7 @@ class LoraLinear(AdapterLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scale(alpha, r, config.use_rslora)
-        self._init_weights(name, config.init_lora_weights, config.loftq_config)
+        self._init_weights(name, True if plain_start else config.init_lora_weights, config.loftq_config)
         if config.use_dora:
             with torch.no_grad():
                 norm = self._row_norm(self._weight(), self._delta(name))
@@ -704,12 +707,27 @@ def attach_lora(model: nn.Module, adapter_name: str, config: PeftConfig) -> list
     if isinstance(config.target_modules, str) and config.target_modules.lower() in ("all-linear", "all_linear"):
         # Saved configs name the modules, so tools that do not know "all-linear" (vLLM) can read them.
         config.target_modules = sorted({path.rsplit(".", 1)[-1] for path in paths})
+    stay_float = _kept_in_float(model, paths) if config.init_lora_weights == "loftq" else set()
     for path in paths:
         module = model.get_submodule(path)
         inner = module.base_layer if isinstance(module, AdapterLayer) else module
         layer_class = LoraEmbedding if isinstance(inner, nn.Embedding) else LoraLinear
-        engine.wrap_targets(model, [path], layer_class, lambda layer, p: layer.add_adapter(adapter_name, config, p))
+        extra = {"plain_start": True} if path in stay_float and layer_class is LoraLinear else {}
+        engine.wrap_targets(
+            model,
+            [path],
+            layer_class,
+            lambda layer, p, extra=extra: layer.add_adapter(adapter_name, config, p, **extra),
+        )
     return paths
+
+
+def _kept_in_float(model: nn.Module, paths: list[str]) -> set[str]:
+    """The ``paths`` a quantized load of ``model`` leaves in float (no quantization error to start LoftQ from)."""
+    from deltatune.quantization import kept_in_float, stays_float
+
+    kept = kept_in_float(model)
+    return {path for path in paths if stays_float(path, kept)}
 
 
 # -- combining adapters ---------------------------------------------------------------------------
