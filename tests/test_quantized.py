@@ -723,3 +723,13 @@ def test_in_place_quantization_keeps_a_trained_bias_the_same_parameter():
     bias = model[0].bias  # trained next to an adapter (bias="all")
     assert quantize_frozen_linear_layers(model, "nf4", []) == 2
     assert model[0].bias is bias and bias.requires_grad and not model[2].bias.requires_grad
+
+
+def test_in_place_quantization_of_weights_not_loaded_yet_says_so():
+    from deltatune.quantization import quantize_frozen_linear_layers
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"2 layers to quantize have no weights yet \(the meta device\), e\.g\. 0"):
+        quantize_frozen_linear_layers(model, "nf4", [])

@@ -130,6 +130,12 @@ def quantize_frozen_linear_layers(
         and not module.weight.requires_grad
         and not stays_float(re.sub(r"\.base_layer(?=\.|$)", "", name), kept_in_float)
     ]
+    on_meta = [name for name in names if inner.get_submodule(name).weight.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"{len(on_meta)} layers to quantize have no weights yet (the meta device), e.g. {on_meta[0]}: load the "
+            "model's weights (from_pretrained without device_map='meta', or load_state_dict) before quantizing"
+        )
     for name in names:
         linear = inner.get_submodule(name)
         weight, bias = linear.weight.data, linear.bias
