@@ -91,12 +91,10 @@ class IncrementalText:
         start = max(0, self.mark - self.context)
         before = self._decode(self.ids[start : self.mark])
         window = self._decode(self.ids[start:])
-        if not window.startswith(before):  # a tokenizer whose text is not local: decode it all
+        if window.startswith(before):
+            text = self.complete + window[len(before) :]
+        else:  # a tokenizer whose text is not local: decode it all
             text = self._decode(self.ids)
-            if not text.endswith(REPLACEMENT_CHARACTER):
-                self.complete, self.mark = text, len(self.ids)
-            return text
-        text = self.complete + window[len(before) :]
         if not text.endswith(REPLACEMENT_CHARACTER):
             self.complete, self.mark = text, len(self.ids)
         return text
