@@ -271,6 +271,31 @@ def test_fused_lora_dropout_applies_one_mask_to_the_adapter_path_only():
         torch.testing.assert_close(got, want)
 
 
+def test_fused_lora_dequantizes_in_backward_only_for_the_input_gradient():
+    """A weight given as a function (a quantized base's dequantization) is called once in forward,
+    and in backward only when the input needs a gradient (the first block's input does not)."""
+    from deltatune.methods.lora_kernel import FusedLoraLinear
+
+    torch.manual_seed(0)
+    W = torch.randn(5, 6)
+    calls = []
+
+    def dequantize():
+        calls.append(1)
+        return W
+
+    for input_grad, expected_calls in ((False, 1), (True, 2)):
+        calls.clear()
+        x = torch.randn(4, 6, requires_grad=input_grad)
+        A, B = torch.randn(2, 6, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+        FusedLoraLinear.apply(x, dequantize, None, A, B, 1.5, None, 1.0).square().sum().backward()
+        assert len(calls) == expected_calls
+        reference_A, reference_B = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+        (x.detach() @ W.T + 1.5 * (x.detach() @ reference_A.T) @ reference_B.T).square().sum().backward()
+        torch.testing.assert_close(A.grad, reference_A.grad)
+        torch.testing.assert_close(B.grad, reference_B.grad)
+
+
 def test_fused_lora_dropout_in_the_layer_follows_the_formula():
     """Training: ``W x + s B A (m * x / (1 - p))`` with a Bernoulli keep-mask ``m`` (redrawn here from
     the same seed); evaluation: no dropout."""

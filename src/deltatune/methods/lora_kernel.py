@@ -68,8 +68,8 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad):  # noqa: ANN001, ANN205
         x2, weight, A, B, low, mask = ctx.saved_tensors
-        if ctx.weight_source is not None:
-            weight = ctx.weight_source()
+        if ctx.weight_source is not None and ctx.needs_input_grad[0]:
+            weight = ctx.weight_source()  # only the input's gradient reads it: not dequantized otherwise
         g = grad.reshape(-1, grad.shape[-1])
         ga = g if g.dtype == B.dtype else g.to(B.dtype)
         scale = ctx.scale
