@@ -109,7 +109,7 @@ def test_train_help_shows_every_option_with_its_default():
     assert "vera: 0.01" in lines["--lr"] and "x>0" in lines["--lr"]
     assert "lora/dora: 16; adalora/loha/lokr: 8; vera: 256); x>=1]" in lines["--r"] and lines["--r"] is lines["--rank"]
     assert "lora/dora: 32.0; adalora/loha: 16; lokr: 8" in lines["--alpha"]
-    assert "[default: (70; seq-cls: 200); x>=0]" in lines["--max-steps"]
+    assert "[default: (70; seq-cls: 600); x>=0]" in lines["--max-steps"]
     assert "[default: runs/default]" in lines["--output"]
     assert "[default: lora]" in lines["--method"]
     assert "[" + "|".join(METHODS) + "]" in lines["--method"]

@@ -69,7 +69,8 @@ def test_help_shows_each_methods_default():
     assert "prefix/prompt/ptuning: 20" in lines["--virtual-tokens"] and "lora" not in lines["--virtual-tokens"]
     assert "prefix/prompt/ptuning: task" in lines["--virtual-init"]
     assert "prefix: False" in lines["--prefix-projection"] and "ia3/ln-tuning: none" in lines["--targets"]
-    assert "adapter: 16" in lines["--reduction-factor"] and "ptuning: 128" in lines["--encoder-hidden-size"]
+    assert "adapter: 16 (seq-cls: 4)" in lines["--reduction-factor"]
+    assert "ptuning: 128" in lines["--encoder-hidden-size"]
 
 
 # -- defaults with the task -----------------------------------------------------------------------
@@ -92,6 +93,15 @@ def test_a_task_sets_its_budget_for_every_method_and_a_flag_still_wins():
         assert with_method_defaults({"method": method, "lr": 0.07, **RUN_DEFAULTS}, {"lr"}, "seq-cls")["lr"] == 0.07
 
 
+def test_bottleneck_adapters_are_wider_behind_a_fresh_classifier_head():
+    from deltatune.run_options import with_method_defaults
+
+    assert with_method_defaults({"method": "adapter", **RUN_DEFAULTS}, (), "seq-cls")["reduction_factor"] == 4
+    assert with_method_defaults({"method": "adapter", **RUN_DEFAULTS}, (), "label-generation")["reduction_factor"] == 16
+    given = {"method": "adapter", "reduction_factor": 8, **RUN_DEFAULTS}
+    assert with_method_defaults(given, {"reduction_factor"}, "seq-cls")["reduction_factor"] == 8
+
+
 def test_a_methods_value_for_a_task_beats_the_tasks_and_its_own():
     from deltatune.registry import TrainingDefaults, register_training_defaults
     from deltatune.run_options import with_method_defaults
@@ -101,7 +111,7 @@ def test_a_methods_value_for_a_task_beats_the_tasks_and_its_own():
     )
     try:
         seq_cls = with_method_defaults({"method": "probe-method", **RUN_DEFAULTS}, (), "seq-cls")
-        assert (seq_cls["lr"], seq_cls["batch_size"], seq_cls["max_steps"]) == (4e-3, 32, 200)
+        assert (seq_cls["lr"], seq_cls["batch_size"], seq_cls["max_steps"]) == (4e-3, 32, 600)
         other = with_method_defaults({"method": "probe-method", **RUN_DEFAULTS}, (), "label-generation")
         assert (other["lr"], other["batch_size"]) == (1e-3, 8)
     finally:
@@ -128,7 +138,7 @@ def test_help_shows_the_tasks_budget():
     entries = [" ".join(chunk.split()) for chunk in text.split("\n  --")[1:]]
     lines = {"--" + entry.split()[0]: entry for entry in entries}
     assert "default: (8; seq-cls: 16)" in lines["--batch-size"]
-    assert "default: (70; seq-cls: 200)" in lines["--max-steps"]
+    assert "default: (70; seq-cls: 600)" in lines["--max-steps"]
     for defaults in trainable_methods().values():
         for task, values in defaults.tasks.items():
             if "lr" in values:
