@@ -69,7 +69,8 @@ def test_help_shows_each_methods_default():
     assert "prefix/prompt/ptuning: 20" in lines["--virtual-tokens"] and "lora" not in lines["--virtual-tokens"]
     assert "prefix/prompt/ptuning: task" in lines["--virtual-init"]
     assert "prefix: False" in lines["--prefix-projection"] and "ia3/ln-tuning: none" in lines["--targets"]
-    assert "adapter: 16 (seq-cls: 4)" in lines["--reduction-factor"]
+    assert "adapter: 16 (seq-cls: 4)" in lines["--reduction-factor"] and "Pfeiffer" in lines["--reduction-factor"]
+    assert "adapter: none (seq-cls: pooler)" in lines["--modules-to-save"]
     assert "ptuning: 128" in lines["--encoder-hidden-size"]
 
 
@@ -100,6 +101,44 @@ def test_bottleneck_adapters_are_wider_behind_a_fresh_classifier_head():
     assert with_method_defaults({"method": "adapter", **RUN_DEFAULTS}, (), "label-generation")["reduction_factor"] == 16
     given = {"method": "adapter", "reduction_factor": 8, **RUN_DEFAULTS}
     assert with_method_defaults(given, {"reduction_factor"}, "seq-cls")["reduction_factor"] == 8
+
+
+@pytest.mark.parametrize(
+    ("placement", "task", "given", "width"),
+    [("houlsby", "seq-cls", None, 4), ("pfeiffer", "seq-cls", None, 2), ("pfeiffer", "label-generation", None, 8)]
+    + [("pfeiffer", "seq-cls", 8, 8), ("houlsby", "label-generation", None, 16)],
+)
+def test_pfeiffer_is_twice_as_wide_as_houlsby_unless_the_width_is_given(placement, task, given, width):
+    from deltatune.run_options import method_config, with_method_defaults
+
+    options = {"method": "adapter", "placement": placement, **RUN_DEFAULTS}
+    if given is not None:
+        options["reduction_factor"] = given
+    resolved = with_method_defaults(options, {"placement"} | ({"reduction_factor"} if given else set()), task)
+    assert method_config(resolved, task).reduction_factor == width
+
+
+def test_bottleneck_adapters_train_the_pooler_behind_a_fresh_head_where_the_model_has_one(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bert"
+    one_step = ("--no-test", "--max-steps", "1")
+    check_ok(invoke(*train_args(assets, out, "--method", "adapter", *one_step, model=assets.bert)))
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["pooler", "classifier"] and config["reduction_factor"] == 4
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(".pooler." in key for key in saved) and any(".classifier." in key for key in saved)
+    # LoRA adapts the pooler's dense layer itself (all-linear): nothing added.
+    out = tmp_path / "lora"
+    check_ok(invoke(*train_args(assets, out, "--method", "lora", *one_step, model=assets.bert)))
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    # A decoder classifier has no pooler: the default is dropped, a name the user gives is not.
+    out = tmp_path / "llama"
+    args = ("--method", "adapter", "--task", "seq-cls", *one_step)
+    check_ok(invoke(*train_args(assets, out, *args)))
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    result = invoke(*train_args(assets, tmp_path / "given", *args, "--modules-to-save", "pooler"))
+    assert result.exit_code != 0 and "--modules-to-save: 'pooler' matches no module" in result.output
 
 
 def test_a_methods_value_for_a_task_beats_the_tasks_and_its_own():

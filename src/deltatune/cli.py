@@ -297,7 +297,11 @@ def eval_data_options(f: Any) -> Any:
 @click.option("--exclude-modules", default=None, help="Modules to leave alone, comma-separated.")
 @click.option("--layers-to-transform", default=None, help="Only these blocks, e.g. 0,1,4-7.")
 @click.option(
-    "--modules-to-save", default=None, help="Modules trained in full and saved with the adapter, comma-separated."
+    "--modules-to-save",
+    cls=MethodDefault,
+    default=None,
+    help="Modules trained in full and saved with the adapter, comma-separated; the task's head "
+    "(classifier, score) is always added, and a method's default applies where the model has it.",
 )
 @click.option(
     "--virtual-tokens",
@@ -344,7 +348,8 @@ def eval_data_options(f: Any) -> Any:
     cls=MethodDefault,
     default=None,
     type=AT_LEAST_ONE,
-    help="Bottleneck adapter reduction factor.",
+    help="Bottleneck adapter reduction factor; by default the Pfeiffer placement halves it (one adapter "
+    "per block where Houlsby has two: the same parameters).",
 )
 @click.option(
     "--placement",

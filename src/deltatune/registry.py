@@ -91,8 +91,9 @@ class TrainingDefaults:
         source: where the values come from (paper, measurement), shown by ``--help``'s reader.
         config: ``config(options, common) -> PeftConfig``, the adapter config ``train``'s options
             describe (None: full fine-tuning, no adapter). ``options`` are the command's options by
-            name; ``common`` the generic ones already parsed: ``task_type``, ``target_modules``,
-            ``exclude_modules``, ``layers_to_transform``, ``modules_to_save``.
+            name (a ``RunConfig``: ``options.given`` names those the user set); ``common`` the
+            generic ones already parsed: ``task_type``, ``target_modules``, ``exclude_modules``,
+            ``layers_to_transform``, ``modules_to_save``.
         uses: the method-specific ``train`` options the method reads; given for a method that does
             not, an option is reported unused.
         resumable: whether ``train --resume`` can continue the method's run exactly.

@@ -58,6 +58,7 @@ from deltatune.run_options import (
     TASK_METRICS,
     check_options,
     check_targets,
+    keep_present_default_modules,
     method_config,
     with_method_defaults,
 )
@@ -455,6 +456,7 @@ def _adapt(
     model: nn.Module, config: RunConfig, task: Task, spec: TaskSpec, tokenizer: Any, splits: Splits
 ) -> tuple[nn.Module, PeftConfig | None]:
     """The model to train: the base with ``--method``'s adapter, or the whole base (full fine-tuning)."""
+    config = keep_present_default_modules(model, config)
     args = _train_args(config, Path(config.output), "fp32")
     steps = planned_steps(len(splits.train), args, Distributed.from_env(config.device).world)
     adapter = method_config(config.replace(total_steps=steps), spec.kind)  # AdaLoRA's schedule spans the run

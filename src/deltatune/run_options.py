@@ -27,7 +27,7 @@ logger = logging.getLogger("deltatune")
 # Options whose default is the method's own (deltatune.registry.training_defaults); these values
 # serve a method whose module names none.
 METHOD_DEFAULTED = ("lr", "warmup", "r", "alpha", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
-METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor")
+METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor", "modules_to_save")
 METHOD_FALLBACKS: dict[str, Any] = {
     "lr": 5e-4,
     "warmup": 0.05,
@@ -40,6 +40,7 @@ METHOD_FALLBACKS: dict[str, Any] = {
     "encoder_hidden_size": None,
     "encoder_type": "MLP",
     "reduction_factor": 16,
+    "modules_to_save": None,
 }
 # Options a task kind may set for every method (deltatune.tasks.task_training_defaults); otherwise
 # the command line's default stands.
@@ -184,6 +185,17 @@ def method_config(config: RunConfig, task_kind: str) -> PeftConfig | None:
         "modules_to_save": _names(config.modules_to_save),
     }
     return build(config, common)
+
+
+def keep_present_default_modules(model: nn.Module, config: RunConfig) -> RunConfig:
+    """``config`` without the defaulted ``modules_to_save`` entries that name no module of ``model``:
+    a method's default (the bottleneck adapters' BERT pooler on seq-cls) applies where the model has
+    one, while a name the user gave must match (``check_targets``)."""
+    if "modules_to_save" in config.given or not config.modules_to_save:
+        return config
+    names = [name for name, _ in model.named_modules() if name]
+    present = [e for e in _names(config.modules_to_save) or [] if any(n == e or n.endswith("." + e) for n in names)]
+    return config.replace(modules_to_save=",".join(present) or None)
 
 
 def check_targets(model: nn.Module, config: RunConfig) -> None:

@@ -384,17 +384,23 @@ BOTTLENECK = register_method(Method(PeftType.BOTTLENECK, BottleneckConfig, attac
 # alike (0.844, 0.840) and 3e-3 diverges (0.55), so the lower one; reduction factor 16. Under a fresh
 # classifier head (MiniLM, seq-cls, 400 test reviews) 1e-3 beats 5e-4 and 3e-3 (0.793, 0.759, 0.778);
 # there, over 600 steps, a wider bottleneck (reduction factor 4) gains a point where 16 plateaus
-# (test accuracy 0.810 against 0.799; 3e-3 collapses to one class).
+# (test accuracy 0.810 against 0.799; 2e-3 and 3e-3 collapse to one class), and training the pooler
+# between [CLS] and the head (frozen otherwise: nothing else the adapters touch reads it) gains 1.7
+# points more (0.8315 against 0.8143). Pfeiffer's one adapter per block is twice as wide as Houlsby's
+# two unless the width is given, so both placements train the same number of parameters: on MiniLM
+# Pfeiffer at reduction factor 2 scores 0.831 where 4 scores 0.817 (Houlsby at 2 gains nothing).
 register_training_defaults(
     "adapter",
     TrainingDefaults(
         uses=("reduction_factor", "placement", "layers_to_transform", "modules_to_save"),
         lr=5e-4,
         options={"reduction_factor": 16},
-        tasks={"seq-cls": {"lr": 1e-3, "reduction_factor": 4}},
-        source="Houlsby et al. 2019's range; lr and seq-cls width measured",
+        tasks={"seq-cls": {"lr": 1e-3, "reduction_factor": 4, "modules_to_save": "pooler"}},
+        source="Houlsby et al. 2019's range; lr, seq-cls width and pooler measured",
         config=lambda options, common: BottleneckConfig(
-            reduction_factor=options["reduction_factor"],
+            reduction_factor=placement_reduction_factor(
+                options["reduction_factor"], options["placement"], given="reduction_factor" in options.given
+            ),
             placement=options["placement"],
             task_type=common["task_type"],
             layers_to_transform=common["layers_to_transform"],
@@ -402,3 +408,11 @@ register_training_defaults(
         ),
     ),
 )
+
+
+def placement_reduction_factor(reduction_factor: int, placement: str, given: bool) -> int:
+    """The reduction factor a run uses: a defaulted one is halved for Pfeiffer's single adapter per
+    block, so that it trains as many parameters as Houlsby's two; one the user gave is kept."""
+    if given or placement != "pfeiffer":
+        return reduction_factor
+    return max(1, reduction_factor // 2)
