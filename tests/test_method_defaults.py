@@ -66,7 +66,8 @@ def test_help_shows_each_methods_default():
     assert "prompt: 0.03" in lr_line and "full: 3e-05" in lr_line
     entries = [" ".join(chunk.split()) for chunk in text.split("\n  --")[1:]]
     lines = {"--" + entry.split()[0]: entry for entry in entries}
-    assert "prefix/prompt/ptuning: 20" in lines["--virtual-tokens"] and "lora" not in lines["--virtual-tokens"]
+    assert "prefix: 20; prompt/ptuning: 20 (seq-cls: 8)" in lines["--virtual-tokens"]
+    assert "lora" not in lines["--virtual-tokens"]
     assert "prefix/prompt/ptuning: task" in lines["--virtual-init"]
     assert "prefix: False" in lines["--prefix-projection"] and "ia3/ln-tuning: none" in lines["--targets"]
     assert "adapter: 16 (seq-cls: 4)" in lines["--reduction-factor"] and "Pfeiffer" in lines["--reduction-factor"]
@@ -101,6 +102,17 @@ def test_bottleneck_adapters_are_wider_behind_a_fresh_classifier_head():
     assert with_method_defaults({"method": "adapter", **RUN_DEFAULTS}, (), "label-generation")["reduction_factor"] == 16
     given = {"method": "adapter", "reduction_factor": 8, **RUN_DEFAULTS}
     assert with_method_defaults(given, {"reduction_factor"}, "seq-cls")["reduction_factor"] == 8
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_input_methods_behind_a_fresh_head_add_fewer_positions(method):
+    from deltatune.run_options import method_config, with_method_defaults
+
+    resolved = with_method_defaults({"method": method, **RUN_DEFAULTS}, (), "seq-cls")
+    assert method_config(resolved, "seq-cls").num_virtual_tokens == 8
+    assert with_method_defaults({"method": method, **RUN_DEFAULTS}, (), "label-generation")["virtual_tokens"] == 20
+    given = {"method": method, "virtual_tokens": 20, **RUN_DEFAULTS}
+    assert with_method_defaults(given, {"virtual_tokens"}, "seq-cls")["virtual_tokens"] == 20
 
 
 @pytest.mark.parametrize(
