@@ -117,10 +117,10 @@ def test_input_methods_behind_a_fresh_head_add_fewer_positions(method):
 
 @pytest.mark.parametrize(
     ("placement", "task", "given", "width"),
-    [("houlsby", "seq-cls", None, 4), ("pfeiffer", "seq-cls", None, 2), ("pfeiffer", "label-generation", None, 8)]
+    [("houlsby", "seq-cls", None, 4), ("pfeiffer", "seq-cls", None, 2), ("pfeiffer", "label-generation", None, 16)]
     + [("pfeiffer", "seq-cls", 8, 8), ("houlsby", "label-generation", None, 16)],
 )
-def test_pfeiffer_is_twice_as_wide_as_houlsby_unless_the_width_is_given(placement, task, given, width):
+def test_pfeiffer_behind_a_fresh_head_is_twice_as_wide_as_houlsby_unless_given(placement, task, given, width):
     from deltatune.run_options import method_config, with_method_defaults
 
     options = {"method": "adapter", "placement": placement, **RUN_DEFAULTS}

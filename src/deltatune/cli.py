@@ -348,8 +348,8 @@ def eval_data_options(f: Any) -> Any:
     cls=MethodDefault,
     default=None,
     type=AT_LEAST_ONE,
-    help="Bottleneck adapter reduction factor; by default the Pfeiffer placement halves it (one adapter "
-    "per block where Houlsby has two: the same parameters).",
+    help="Bottleneck adapter reduction factor; on seq-cls the Pfeiffer placement halves the default (one "
+    "adapter per block where Houlsby has two: the same parameters).",
 )
 @click.option(
     "--placement",
