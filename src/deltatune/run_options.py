@@ -194,8 +194,13 @@ def keep_present_default_modules(model: nn.Module, config: RunConfig) -> RunConf
     if "modules_to_save" in config.given or not config.modules_to_save:
         return config
     names = [name for name, _ in model.named_modules() if name]
-    present = [e for e in _names(config.modules_to_save) or [] if any(n == e or n.endswith("." + e) for n in names)]
+    present = [entry for entry in _names(config.modules_to_save) or [] if _names_a_module(entry, names)]
     return config.replace(modules_to_save=",".join(present) or None)
+
+
+def _names_a_module(entry: str, names: list[str]) -> bool:
+    """Whether ``entry`` is a module's path or the end of one (``pooler`` names ``bert.pooler``)."""
+    return any(name == entry or name.endswith("." + entry) for name in names)
 
 
 def check_targets(model: nn.Module, config: RunConfig) -> None:
@@ -210,7 +215,7 @@ def check_targets(model: nn.Module, config: RunConfig) -> None:
         if not value or value == "all-linear":
             continue
         for entry in _names(value) or []:
-            if not any(name == entry or name.endswith("." + entry) for name in names):
+            if not _names_a_module(entry, names):
                 close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.4)
                 raise ValueError(
                     f"{flag}: {entry!r} matches no module of {config.model}"
