@@ -73,6 +73,7 @@ def test_help_shows_each_methods_default():
     assert "adapter: 16 (seq-cls: 4)" in lines["--reduction-factor"] and "Pfeiffer" in lines["--reduction-factor"]
     assert "adapter: none (seq-cls: pooler)" in lines["--modules-to-save"]
     assert "ptuning: 128" in lines["--encoder-hidden-size"]
+    assert "full/adapter/ia3/prefix/prompt/ptuning: none (seq-cls: 0.0); lora/dora" in lines["--model-dropout"]
 
 
 # -- defaults with the task -----------------------------------------------------------------------
@@ -151,6 +152,58 @@ def test_bottleneck_adapters_train_the_pooler_behind_a_fresh_head_where_the_mode
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
     result = invoke(*train_args(assets, tmp_path / "given", *args, "--modules-to-save", "pooler"))
     assert result.exit_code != 0 and "--modules-to-save: 'pooler' matches no module" in result.output
+
+
+DROPOUT_OFF_ON_SEQ_CLS = ("full", "adapter", "ia3", "prefix", "prompt", "ptuning")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_models_dropout_is_off_behind_a_fresh_head_for_the_methods_it_helps(method):
+    from deltatune.run_options import with_method_defaults
+
+    expected = 0.0 if method in DROPOUT_OFF_ON_SEQ_CLS else None
+    assert with_method_defaults({"method": method, **RUN_DEFAULTS}, (), "seq-cls")["model_dropout"] == expected
+    assert with_method_defaults({"method": method, **RUN_DEFAULTS}, (), "label-generation")["model_dropout"] is None
+    given = {"method": method, "model_dropout": 0.3, **RUN_DEFAULTS}
+    assert with_method_defaults(given, {"model_dropout"}, "seq-cls")["model_dropout"] == 0.3
+
+
+def test_set_dropout_reaches_dropout_layers_and_the_rates_fused_attention_reads(assets):
+    from deltatune.model_info import set_dropout
+
+    model = llama(assets)
+    attentions = [m for m in model.modules() if isinstance(vars(m).get("attention_dropout"), float)]
+    assert attentions  # Llama keeps its attention rate as a float for the fused kernel
+    assert set_dropout(model, 0.25) >= len(attentions)
+    assert all(m.attention_dropout == 0.25 for m in attentions)
+    # Before the adapter is attached, so the adapter's own dropout is its own.
+    peft = dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5))
+    lora_rates = [m.p for name, m in peft.named_modules() if isinstance(m, torch.nn.Dropout) and "lora" in name]
+    assert lora_rates and set(lora_rates) == {0.5}
+
+
+def test_train_runs_the_model_at_the_resolved_dropout(assets, tmp_path, monkeypatch):
+    seen: list[float] = []
+    forward = torch.nn.Dropout.forward
+
+    def recording(self, x):
+        if self.training:
+            seen.append(self.p)
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", recording)
+    one_step = ("--no-test", "--max-steps", "1")
+    for args, rates in [
+        (("--method", "adapter"), {0.0}),
+        (("--method", "lora"), {0.1}),  # BERT's own hidden and attention dropout
+        (("--method", "adapter", "--model-dropout", "0.2"), {0.2}),
+    ]:
+        seen.clear()
+        out = tmp_path / "-".join(args).replace("--", "")
+        result = invoke(*train_args(assets, out, *args, *one_step, model=assets.bert))
+        check_ok(result)
+        assert set(seen) == rates, args
+        assert ("model dropout" in result.output) == ("lora" not in args)
 
 
 def test_a_methods_value_for_a_task_beats_the_tasks_and_its_own():

@@ -129,12 +129,12 @@ class MethodDefault(click.Option):
 
     def get_help_extra(self, ctx: click.Context) -> Any:
         from deltatune.registry import method_options, trainable_methods
-        from deltatune.run_options import METHOD_FALLBACKS
+        from deltatune.run_options import METHOD_FALLBACKS, RUN_WIDE
 
         by_value: dict[str, list[str]] = {}
         for method, defaults in trainable_methods().items():
             value = defaults.get(self.name, METHOD_FALLBACKS.get(self.name))
-            if self.name not in ("lr", "warmup") and method not in method_options().get(self.name, ()):
+            if self.name not in RUN_WIDE and method not in method_options().get(self.name, ()):
                 continue
             text = "none" if value is None else str(value)
             per_task = [f"{task}: {o[self.name]}" for task, o in defaults.tasks.items() if self.name in o]
@@ -279,6 +279,14 @@ def eval_data_options(f: Any) -> Any:
     default=0.0,
     type=click.FloatRange(0, 1, max_open=True),
     help="LoRA/DoRA and VeRA dropout on the adapter's input; LoHa/LoKr rank dropout.",
+)
+@click.option(
+    "--model-dropout",
+    cls=MethodDefault,
+    default=None,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Rate of the model's own dropout layers while training (the base and its head, not an adapter's "
+    "own: see --dropout); none keeps the model's configured rates.",
 )
 @click.option("--use-rslora", is_flag=True, help="LoRA/DoRA: rank-stabilised scale alpha/sqrt(r).")
 @click.option(

@@ -65,3 +65,25 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# Where attention modules keep their rate as a plain float (Llama's ``attention_dropout``, BART's
+# and Whisper's ``dropout``) and pass it to a fused attention kernel instead of an nn.Dropout.
+_DROPOUT_RATE_ATTRIBUTES = ("attention_dropout", "dropout")
+
+
+def set_dropout(model: nn.Module, rate: float) -> int:
+    """Set every dropout of ``model`` to ``rate``: its ``nn.Dropout`` layers and the float rates its
+    attention modules hand to fused kernels. Returns how many were set. Call it before adapters are
+    attached: their own dropout (``lora_dropout``) is theirs to keep."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+            count += 1
+            continue
+        for attribute in _DROPOUT_RATE_ATTRIBUTES:
+            if isinstance(vars(module).get(attribute), float):
+                setattr(module, attribute, rate)
+                count += 1
+    return count

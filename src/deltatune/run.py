@@ -29,6 +29,7 @@ from deltatune import data as datasets
 from deltatune.atomic import replace_folder
 from deltatune.base_layers import keep_trainable_layout, parameter_count, unquantized_bytes
 from deltatune.config import PeftConfig
+from deltatune.model_info import set_dropout
 from deltatune.models import EMBEDDED_MODELS, load_model, resolve_model_path
 from deltatune.packing import check_packed_loss
 from deltatune.parallel import distributed_wrapper
@@ -301,6 +302,7 @@ def _train(
     say(
         f"{config.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
         f"{device.type}, {precision}"
+        + ("" if config.model_dropout is None else f", model dropout {config.model_dropout}")
     )
     summary: dict[str, Any] = {
         "status": "running",
@@ -457,6 +459,8 @@ def _adapt(
 ) -> tuple[nn.Module, PeftConfig | None]:
     """The model to train: the base with ``--method``'s adapter, or the whole base (full fine-tuning)."""
     config = keep_present_default_modules(model, config)
+    if config.model_dropout is not None:
+        set_dropout(model, config.model_dropout)
     args = _train_args(config, Path(config.output), "fp32")
     steps = planned_steps(len(splits.train), args, Distributed.from_env(config.device).world)
     adapter = method_config(config.replace(total_steps=steps), spec.kind)  # AdaLoRA's schedule spans the run

@@ -40,6 +40,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "r": (1, None, False),
     "alpha": (0, None, True),
     "dropout": (0, 1, False),
+    "model_dropout": (0, 1, False),
     "virtual_tokens": (1, None, False),
     "encoder_hidden_size": (1, None, False),
     "reduction_factor": (1, None, False),
@@ -85,6 +86,7 @@ class RunConfig(Mapping[str, Any]):
     r: int | None = None
     alpha: float | None = None
     dropout: float = 0.0
+    model_dropout: float | None = None
     use_rslora: bool = False
     init_lora_weights: str = "true"
     targets: str | None = None

@@ -63,6 +63,7 @@ TRAJECTORY_OPTIONS = (
     "r",
     "alpha",
     "dropout",
+    "model_dropout",
     "targets",
     "use_rslora",
     "init_lora_weights",

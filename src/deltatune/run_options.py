@@ -27,7 +27,9 @@ logger = logging.getLogger("deltatune")
 # Options whose default is the method's own (deltatune.registry.training_defaults); these values
 # serve a method whose module names none.
 METHOD_DEFAULTED = ("lr", "warmup", "r", "alpha", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
-METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor", "modules_to_save")
+METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor", "modules_to_save", "model_dropout")
+# Defaulted options that every method reads (the rest are read only by the methods that name them).
+RUN_WIDE = ("lr", "warmup", "model_dropout")
 METHOD_FALLBACKS: dict[str, Any] = {
     "lr": 5e-4,
     "warmup": 0.05,
@@ -41,6 +43,7 @@ METHOD_FALLBACKS: dict[str, Any] = {
     "encoder_type": "MLP",
     "reduction_factor": 16,
     "modules_to_save": None,
+    "model_dropout": None,
 }
 # Options a task kind may set for every method (deltatune.tasks.task_training_defaults); otherwise
 # the command line's default stands.
