@@ -176,34 +176,33 @@ def test_set_dropout_reaches_dropout_layers_and_the_rates_fused_attention_reads(
     assert attentions  # Llama keeps its attention rate as a float for the fused kernel
     assert set_dropout(model, 0.25) >= len(attentions)
     assert all(m.attention_dropout == 0.25 for m in attentions)
-    # Before the adapter is attached, so the adapter's own dropout is its own.
-    peft = dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5))
-    lora_rates = [m.p for name, m in peft.named_modules() if isinstance(m, torch.nn.Dropout) and "lora" in name]
-    assert lora_rates and set(lora_rates) == {0.5}
 
 
 def test_train_runs_the_model_at_the_resolved_dropout(assets, tmp_path, monkeypatch):
+    from deltatune.train import Trainer
+
     seen: list[float] = []
-    forward = torch.nn.Dropout.forward
+    start = Trainer.__init__
 
-    def recording(self, x):
-        if self.training:
-            seen.append(self.p)
-        return forward(self, x)
+    def recording(self, model, *args, **kwargs):  # the rates the training loop starts with
+        seen.extend(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        start(self, model, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.Dropout, "forward", recording)
+    monkeypatch.setattr(Trainer, "__init__", recording)
     one_step = ("--no-test", "--max-steps", "1")
     for args, rates in [
         (("--method", "adapter"), {0.0}),
         (("--method", "lora"), {0.1}),  # BERT's own hidden and attention dropout
         (("--method", "adapter", "--model-dropout", "0.2"), {0.2}),
+        # The model's rate is set before the adapter attaches: LoRA's own dropout keeps its rate.
+        (("--method", "lora", "--dropout", "0.3", "--model-dropout", "0"), {0.0, 0.3}),
     ]:
         seen.clear()
         out = tmp_path / "-".join(args).replace("--", "")
         result = invoke(*train_args(assets, out, *args, *one_step, model=assets.bert))
         check_ok(result)
         assert set(seen) == rates, args
-        assert ("model dropout" in result.output) == ("lora" not in args)
+        assert ("model dropout" in result.output) == ("--model-dropout" in args or "adapter" in args)
 
 
 def test_a_methods_value_for_a_task_beats_the_tasks_and_its_own():
