@@ -4,6 +4,7 @@ from real tokens, and the shared prompt prefix behind virtual tokens (tiny rando
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,60 @@ def test_bottleneck_adapters_train_the_pooler_behind_a_fresh_head_where_the_mode
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
     result = invoke(*train_args(assets, tmp_path / "given", *args, "--modules-to-save", "pooler"))
     assert result.exit_code != 0 and "--modules-to-save: 'pooler' matches no module" in result.output
+
+
+def bottleneck_modules(run: Path) -> set[str]:
+    """The modules a run's saved bottleneck adapters sit on."""
+    from safetensors.torch import load_file
+
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    return {key.split(".adapter_down.")[0] for key in saved if ".adapter_down." in key}
+
+
+def test_bottleneck_adapters_read_the_normed_sum_behind_a_fresh_head_where_the_model_has_a_closing_norm(
+    assets, tmp_path
+):
+    from deltatune.run_options import with_method_defaults
+
+    assert with_method_defaults({"method": "adapter", **RUN_DEFAULTS}, (), "seq-cls")["adapter_input"] == "auto"
+    assert with_method_defaults({"method": "adapter", **RUN_DEFAULTS}, (), "label-generation")["adapter_input"] == (
+        "sublayer"
+    )
+    given = {"method": "adapter", "adapter_input": "sublayer", **RUN_DEFAULTS}
+    assert with_method_defaults(given, {"adapter_input"}, "seq-cls")["adapter_input"] == "sublayer"
+    one_step = ("--no-test", "--max-steps", "1")
+    # BERT (post-norm): the adapters sit on the norms closing each sublayer.
+    out = tmp_path / "bert"
+    check_ok(invoke(*train_args(assets, out, "--method", "adapter", *one_step, model=assets.bert)))
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["adapter_input"] == "auto"
+    keys = bottleneck_modules(out)
+    assert keys and all(k.endswith("output.LayerNorm") for k in keys)
+    # A flag wins: the sublayer's output projection.
+    out = tmp_path / "bert-sublayer"
+    args = ("--method", "adapter", "--adapter-input", "sublayer", *one_step)
+    check_ok(invoke(*train_args(assets, out, *args, model=assets.bert)))
+    keys = bottleneck_modules(out)
+    assert keys and all(k.endswith("output.dense") for k in keys)
+    # Llama (pre-norm): auto reads the sublayer; normed says why it cannot.
+    out = tmp_path / "llama"
+    check_ok(invoke(*train_args(assets, out, "--method", "adapter", "--task", "seq-cls", *one_step)))
+    keys = bottleneck_modules(out)
+    assert keys and all(k.endswith(("o_proj", "down_proj")) for k in keys)
+    result = invoke(
+        *train_args(
+            assets,
+            tmp_path / "normed",
+            "--method",
+            "adapter",
+            "--task",
+            "seq-cls",
+            "--adapter-input",
+            "normed",
+            *one_step,
+        )
+    )
+    assert result.exit_code != 0 and "adapter_input='normed' needs the norm" in result.output
+    assert "Traceback" not in result.output
 
 
 DROPOUT_OFF_ON_SEQ_CLS = ("full", "adapter", "ia3", "prefix", "prompt", "ptuning")

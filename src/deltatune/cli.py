@@ -365,6 +365,15 @@ def eval_data_options(f: Any) -> Any:
     default="houlsby",
     help="Bottleneck adapter placement.",
 )
+@click.option(
+    "--adapter-input",
+    cls=MethodDefault,
+    type=click.Choice(["sublayer", "normed", "auto"]),
+    default=None,
+    help="What a bottleneck adapter reads: the sublayer's output (Houlsby et al.), or the norm closing "
+    "a post-norm sublayer applied to output plus residual, its update going into that norm (Pfeiffer "
+    "et al. 2021); auto: normed where the model has such a norm (BERT), sublayer elsewhere.",
+)
 @data_options
 @click.option(
     "--label-words",

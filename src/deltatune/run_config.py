@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "placement": ("houlsby", "pfeiffer", "parallel"),
+    "adapter_input": ("sublayer", "normed", "auto"),
     "virtual_init": ("task", "vocab", "random"),
     "encoder_type": ("MLP", "LSTM"),
 }
@@ -101,6 +102,7 @@ class RunConfig(Mapping[str, Any]):
     prompt_init_text: str | None = None
     reduction_factor: int | None = None
     placement: str = "houlsby"
+    adapter_input: str | None = None
     # the data and the task
     data: str = "rotten-tomatoes"
     eval_data: str | None = None

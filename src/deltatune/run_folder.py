@@ -77,6 +77,7 @@ TRAJECTORY_OPTIONS = (
     "prompt_init_text",
     "reduction_factor",
     "placement",
+    "adapter_input",
     "data",
     "text_column",
     "label_column",

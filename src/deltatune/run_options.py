@@ -28,6 +28,7 @@ logger = logging.getLogger("deltatune")
 # serve a method whose module names none.
 METHOD_DEFAULTED = ("lr", "warmup", "r", "alpha", "targets", "virtual_tokens", "virtual_init", "prefix_projection")
 METHOD_DEFAULTED += ("encoder_hidden_size", "encoder_type", "reduction_factor", "modules_to_save", "model_dropout")
+METHOD_DEFAULTED += ("adapter_input",)
 # Defaulted options that every method reads (the rest are read only by the methods that name them).
 RUN_WIDE = ("lr", "warmup", "model_dropout")
 METHOD_FALLBACKS: dict[str, Any] = {
@@ -44,6 +45,7 @@ METHOD_FALLBACKS: dict[str, Any] = {
     "reduction_factor": 16,
     "modules_to_save": None,
     "model_dropout": None,
+    "adapter_input": "sublayer",
 }
 # Options a task kind may set for every method (deltatune.tasks.task_training_defaults); otherwise
 # the command line's default stands.

@@ -13,6 +13,19 @@ Placements:
 * ``parallel``: beside the feed-forward sublayer, reading its input ``x``:
   :math:`\mathrm{FFN}(x) + s \cdot W_{up} f(W_{down} x)` (He et al. 2022, "Towards a unified view").
 
+What an adapter reads (``adapter_input``):
+
+* ``sublayer``: the output projection's output :math:`h`, as above (Houlsby et al.).
+* ``normed``: the sum :math:`s = h + x` of the sublayer's output and its residual input, through
+  the norm :math:`N` that closes the sublayer in a post-norm block (BERT's), and its update goes
+  back into that norm: :math:`N\big(s + A'(N(s))\big)` with :math:`A'` the bottleneck without its
+  own residual. This is the adapter of Pfeiffer et al. 2021 ("AdapterFusion", section 3 and its
+  figure), which reads the token's whole normalised state rather than the sublayer's change to it.
+  The norm is the one module beside the output projection whose name says norm (BERT's
+  ``output.LayerNorm`` beside ``output.dense``).
+* ``auto``: ``normed`` where that norm exists, ``sublayer`` elsewhere (pre-norm models such as
+  Llama, whose norms sit before their sublayers).
+
 ``init="near-identity"`` draws :math:`W_{down}` from :math:`N(0, 10^{-2})` and sets
 :math:`W_{up}, b_{up}` to zero, so at step 0 the model computes exactly what the base model does.
 
@@ -55,6 +68,7 @@ ACTIVATIONS = {
     "identity": lambda x: x,
 }
 INITS = ("near-identity", "lora", "random")
+ADAPTER_INPUTS = ("sublayer", "normed", "auto")
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 
 
@@ -72,12 +86,14 @@ class BottleneckConfig(PeftConfig):
             ``random`` (non-zero both; for tests).
         attn_output_modules, ffn_output_modules, ffn_input_modules: module names (exact path or
             suffix) that override the structural search.
+        adapter_input: ``sublayer``, ``normed`` or ``auto`` (see the module docstring); ``parallel``
+            always reads the feed-forward input.
         train_layer_norms: train a per-adapter copy of the norms in adapted blocks (Houlsby).
         layers_to_transform, layers_pattern: only these blocks.
         modules_to_save: modules trained in full next to the adapters (e.g. a classifier head).
     """
 
-    described: ClassVar[tuple[str, ...]] = ("placement", "reduction_factor", "bottleneck_size")
+    described: ClassVar[tuple[str, ...]] = ("placement", "adapter_input", "reduction_factor", "bottleneck_size")
 
     reduction_factor: int = 16
     bottleneck_size: int | None = None
@@ -85,6 +101,7 @@ class BottleneckConfig(PeftConfig):
     placement: str = "houlsby"
     scaling: float = 1.0
     init: str = "near-identity"
+    adapter_input: str = "sublayer"
     attn_output_modules: list[str] | None = None
     ffn_output_modules: list[str] | None = None
     ffn_input_modules: list[str] | None = None
@@ -99,6 +116,7 @@ class BottleneckConfig(PeftConfig):
         "non_linearity",
         "placement",
         "scaling",
+        "adapter_input",
         "train_layer_norms",
     )
 
@@ -112,6 +130,18 @@ class BottleneckConfig(PeftConfig):
             raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.adapter_input not in ADAPTER_INPUTS:
+            raise ConfigError(f"adapter_input must be one of {ADAPTER_INPUTS}, got {self.adapter_input!r}")
+        if self.adapter_input == "normed" and self.placement == "parallel":
+            raise ConfigError(
+                "adapter_input='normed' is for the houlsby and pfeiffer placements; a parallel adapter reads "
+                "the feed-forward input (use adapter_input='sublayer' or 'auto')"
+            )
+        if self.adapter_input != "sublayer" and self.train_layer_norms:
+            raise ConfigError(
+                "train_layer_norms trains copies of the norms that adapter_input='normed' wraps; "
+                "use one of the two (adapter_input='sublayer' with train_layer_norms=True)"
+            )
         if self.bottleneck_size is not None and self.bottleneck_size <= 0:
             raise ConfigError(f"bottleneck_size must be positive, got {self.bottleneck_size}")
         if self.bottleneck_size is None and (not isinstance(self.reduction_factor, int) or self.reduction_factor <= 0):
@@ -123,12 +153,14 @@ class BottleneckConfig(PeftConfig):
 
 @dataclasses.dataclass(frozen=True)
 class InsertionPoint:
-    """Where one adapter goes: after ``output_path``; a parallel one reads ``input_path``'s input."""
+    """Where one adapter goes: after ``output_path``; a parallel one reads ``input_path``'s input;
+    one that reads the normed residual sum wraps ``norm_path``, the norm closing the sublayer."""
 
     block: str
     kind: str  # "attn" or "ffn"
     output_path: str
     input_path: str | None = None
+    norm_path: str | None = None
 
 
 def _matching(paths: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -192,6 +224,8 @@ def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[In
             points += [InsertionPoint(block, "ffn", p, ffn_in[0]) for p in ffn_out]
         else:
             points += [InsertionPoint(block, "ffn", p) for p in ffn_out]
+    if points and config.adapter_input != "sublayer" and config.placement != "parallel":
+        points = [_with_closing_norm(model, point, strict=config.adapter_input == "normed") for point in points]
     if not points:
         raise engine.TargetModuleError(
             "found no transformer blocks (children of an nn.ModuleList holding linear layers) in this model"
@@ -204,6 +238,32 @@ def find_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[In
             + "; name the modules with attn_output_modules= and ffn_output_modules= in BottleneckConfig"
         )
     return points
+
+
+def _with_closing_norm(model: nn.Module, point: InsertionPoint, strict: bool) -> InsertionPoint:
+    """``point`` with the norm that closes its sublayer: the one norm beside the output projection
+    (post-norm blocks put it there: BERT's ``output.dense`` and ``output.LayerNorm``)."""
+    parent_path, _, _ = point.output_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    hidden = base_layers.linear_base(engine.innermost(model.get_submodule(point.output_path))).out_features
+    norms = [
+        f"{parent_path}.{name}" if parent_path else name
+        for name, child in parent.named_children()
+        if "norm" in type(engine.innermost(child)).__name__.lower()
+        and getattr(engine.innermost(child), "weight", None) is not None
+        and engine.innermost(child).weight.shape[-1] == hidden
+    ]
+    if len(norms) == 1:
+        return dataclasses.replace(point, norm_path=norms[0])
+    if strict:
+        found = "two or more norms: " + ", ".join(norms) if norms else "no norm"
+        raise engine.TargetModuleError(
+            f"adapter_input='normed' needs the norm that closes the sublayer beside {point.output_path} "
+            f"(a post-norm block, as BERT's output.dense and output.LayerNorm); {parent_path or 'the model'} "
+            f"holds {found}. Pre-norm models (Llama, GPT-2, T5) have none there: use adapter_input='sublayer' "
+            "or 'auto'"
+        )
+    return point
 
 
 def _search_failed(block: str, linears: list[str], what: str) -> str:
@@ -241,14 +301,19 @@ class BottleneckLayer(AdapterLayer):
     def add_adapter(self, name: str, config: PeftConfig, module_path: str) -> None:
         raise TypeError("use add_bottleneck(name, config, hidden, input_module)")
 
-    def add_bottleneck(self, name: str, config: BottleneckConfig, input_module: nn.Module | None) -> None:
+    def _hidden(self) -> tuple[int, torch.device, torch.dtype]:
+        """The width of the hidden state the adapter adds to, and the device and dtype it trains in."""
         view = base_layers.linear_base(engine.innermost(self.base_layer))
-        out_features = in_features = view.out_features
+        return view.out_features, view.device, view.adapter_dtype
+
+    def add_bottleneck(self, name: str, config: BottleneckConfig, input_module: nn.Module | None) -> None:
+        out_features, device, dtype = self._hidden()
+        in_features = out_features
         if input_module is not None:
             in_features = base_layers.linear_base(engine.innermost(input_module)).in_features
         width = config.width(out_features)
-        down = nn.Linear(in_features, width, device=view.device, dtype=view.adapter_dtype)
-        up = nn.Linear(width, out_features, device=view.device, dtype=view.adapter_dtype)
+        down = nn.Linear(in_features, width, device=device, dtype=dtype)
+        up = nn.Linear(width, out_features, device=device, dtype=dtype)
         with torch.no_grad():
             if config.init == "near-identity":
                 nn.init.normal_(down.weight, std=1e-2)
@@ -310,9 +375,16 @@ class BottleneckLayer(AdapterLayer):
         """Each row through its own adapter: per-row gathered weights (bottlenecks zero-padded)."""
         result = self.base_layer(x, *args, **kwargs)
         block_input, self._block_input = self._block_input, None
+        update = self._mixed_update(routing, result, block_input)
+        return result if update is None else result + update
+
+    def _mixed_update(
+        self, routing: RowRouting, result: torch.Tensor, block_input: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Each row's adapter update of ``result`` (None where no routed adapter lives here)."""
         present = [n for n in routing.names if n in self.adapter_down]
         if not present:
-            return result
+            return None
         activations = {self.activation[n] for n in present}
         if len(activations) > 1:
             raise ValueError(f"mixed-adapter batches need one non_linearity across adapters, got {sorted(activations)}")
@@ -345,13 +417,42 @@ class BottleneckLayer(AdapterLayer):
         z = torch.bmm(flat, torch.stack(downs)[index].transpose(1, 2)) + torch.stack(down_bias)[index][:, None]
         z = ACTIVATIONS[activations.pop()](z)
         update = torch.bmm(z, torch.stack(ups)[index].transpose(1, 2)) + torch.stack(up_bias)[index][:, None]
-        return result + update.reshape(result.shape).to(result.dtype)
+        return update.reshape(result.shape).to(result.dtype)
 
     def merge_one(self, name: str, safe_merge: bool) -> float:
         raise ValueError(
             "bottleneck adapters apply a nonlinearity and cannot be merged into the base weights; "
             "keep them as modules (unload() removes them)"
         )
+
+
+class NormedBottleneckLayer(BottleneckLayer):
+    r"""Bottleneck adapters on the norm :math:`N` that closes a post-norm sublayer: for that norm's
+    input :math:`s` (the sublayer's output plus its residual), :math:`N(s + \sum_i A'_i(N(s)))`.
+
+    ``"stack"`` composition feeds each adapter the norm of the sum so far.
+    """
+
+    def _hidden(self) -> tuple[int, torch.device, torch.dtype]:
+        weight = engine.innermost(self.base_layer).weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        return weight.shape[-1], weight.device, dtype
+
+    def adapted_forward(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        normed = self.base_layer(x, *args, **kwargs)
+        if not names:
+            return normed
+        total = x
+        for name in names:
+            total = total + self._update(name, normed).to(x.dtype)
+            if self.composition != "parallel":
+                normed = self.base_layer(total, *args, **kwargs)
+        return normed if self.composition != "parallel" else self.base_layer(total, *args, **kwargs)
+
+    def mixed_forward(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        normed = self.base_layer(x, *args, **kwargs)
+        update = self._mixed_update(routing, normed, None)
+        return normed if update is None else self.base_layer(x + update.to(x.dtype), *args, **kwargs)
 
 
 def attach_bottleneck(model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
@@ -362,8 +463,8 @@ def attach_bottleneck(model: nn.Module, adapter_name: str, config: PeftConfig) -
         input_module = model.get_submodule(point.input_path) if point.input_path else None
         engine.wrap_targets(
             model,
-            [point.output_path],
-            BottleneckLayer,
+            [point.norm_path or point.output_path],
+            NormedBottleneckLayer if point.norm_path else BottleneckLayer,
             lambda layer, _path, source=input_module: layer.add_bottleneck(adapter_name, config, source),
         )
     if config.train_layer_norms:
@@ -375,7 +476,7 @@ def attach_bottleneck(model: nn.Module, adapter_name: str, config: PeftConfig) -
             and any(path.startswith(b + ".") for b in blocks)
         ]
         config.modules_to_save = list(dict.fromkeys(list(config.modules_to_save or []) + norms))
-    return [p.output_path for p in points]
+    return [p.norm_path or p.output_path for p in points]
 
 
 BOTTLENECK = register_method(Method(PeftType.BOTTLENECK, BottleneckConfig, attach=attach_bottleneck))
@@ -395,11 +496,19 @@ BOTTLENECK = register_method(Method(PeftType.BOTTLENECK, BottleneckConfig, attac
 register_training_defaults(
     "adapter",
     TrainingDefaults(
-        uses=("reduction_factor", "placement", "layers_to_transform", "modules_to_save"),
+        uses=("reduction_factor", "placement", "adapter_input", "layers_to_transform", "modules_to_save"),
         lr=5e-4,
-        options={"reduction_factor": 16},
-        tasks={"seq-cls": {"lr": 1e-3, "reduction_factor": 4, "modules_to_save": "pooler", "model_dropout": 0.0}},
-        source="Houlsby et al. 2019's range; lr, seq-cls width, pooler and dropout measured",
+        options={"reduction_factor": 16, "adapter_input": "sublayer"},
+        tasks={
+            "seq-cls": {
+                "lr": 1e-3,
+                "reduction_factor": 4,
+                "modules_to_save": "pooler",
+                "model_dropout": 0.0,
+                "adapter_input": "auto",
+            }
+        },
+        source="Houlsby et al. 2019's range; lr, seq-cls width, pooler, dropout and input measured",
         config=lambda options, common: BottleneckConfig(
             reduction_factor=placement_reduction_factor(
                 options["reduction_factor"],
@@ -408,6 +517,7 @@ register_training_defaults(
                 fresh_head=common["task_type"] == "SEQ_CLS",
             ),
             placement=options["placement"],
+            adapter_input=options["adapter_input"],
             task_type=common["task_type"],
             layers_to_transform=common["layers_to_transform"],
             modules_to_save=common["modules_to_save"],
