@@ -152,6 +152,14 @@ def test_normed_on_a_pre_norm_model_says_why_and_what_to_use():
         dt.get_peft_model(tiny_model("llama"), dt.BottleneckConfig(placement="pfeiffer", adapter_input="normed"))
 
 
+def test_a_norm_trained_in_full_is_not_also_adapted():
+    config = bert_config(adapter_input="auto", modules_to_save=["LayerNorm"])
+    with pytest.raises(engine.TargetModuleError, match=r"modules_to_save names bert\.encoder.*LayerNorm.*'sublayer'"):
+        dt.get_peft_model(tiny_bert(), config)
+    pm = dt.get_peft_model(tiny_bert(), bert_config(adapter_input="sublayer", modules_to_save=["LayerNorm"]))
+    assert all(not isinstance(m, NormedBottleneckLayer) for m in layers_by_path(pm).values())
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
