@@ -18,7 +18,8 @@ import deltatune as dt
 from deltatune import engine
 from deltatune.config import ConfigError
 from deltatune.methods.bottleneck import BottleneckLayer, NormedBottleneckLayer
-from test_composition import perturb_adapters
+from deltatune.modules_to_save import ModulesToSaveWrapper
+from test_composition import BASE, perturb_adapters
 
 from conftest import tiny_inputs, tiny_model
 
@@ -126,14 +127,19 @@ def test_mixed_batch_rows_equal_each_row_alone():
     pm.add_adapter("plain", bert_config(placement="pfeiffer", bottleneck_size=6))
     pm.add_adapter("normed8", bert_config(placement="pfeiffer", adapter_input="normed", bottleneck_size=8))
     perturb_adapters(pm)
-    batch = tiny_inputs("bert", batch=4, seed=3)
-    names = ["normed", "plain", "normed8", "normed"]
+    batch = tiny_inputs("bert", batch=5, seed=3)
+    names = ["normed", "plain", BASE, "normed8", "normed"]
     with torch.no_grad():
         mixed = pm(**batch, adapter_names=names).logits
     for i, name in enumerate(names):
-        pm.set_adapter(name)
+        one = {k: v[i : i + 1] for k, v in batch.items()}
         with torch.no_grad():
-            alone = pm(**{k: v[i : i + 1] for k, v in batch.items()}).logits[0]
+            if name == BASE:
+                with pm.disable_adapter():
+                    alone = pm(**one).logits[0]
+            else:
+                pm.set_adapter(name)
+                alone = pm(**one).logits[0]
         torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -157,7 +163,11 @@ def test_a_norm_trained_in_full_is_not_also_adapted():
     with pytest.raises(engine.TargetModuleError, match=r"modules_to_save names bert\.encoder.*LayerNorm.*'sublayer'"):
         dt.get_peft_model(tiny_bert(), config)
     pm = dt.get_peft_model(tiny_bert(), bert_config(adapter_input="sublayer", modules_to_save=["LayerNorm"]))
-    assert all(not isinstance(m, NormedBottleneckLayer) for m in layers_by_path(pm).values())
+    assert set(layers_by_path(pm)) == {
+        f"bert.encoder.layer.{i}.{s}output.dense" for i in range(2) for s in ("", "attention.")
+    }
+    norm = pm.get_base_model().bert.encoder.layer[0].output.LayerNorm
+    assert isinstance(norm, ModulesToSaveWrapper)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +192,38 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.peft_config["default"].adapter_input == "normed"
     assert torch.equal(logits(loaded), expected)
     # An adapter saved before the option existed reads the sublayer, as it was trained to.
-    assert dt.BottleneckConfig().adapter_input == "sublayer"
+    old = tmp_path / "old"
+    plain = dt.get_peft_model(tiny_bert(), bert_config(init="random"))
+    plain.save_pretrained(old)
+    config = json.loads((old / "adapter_config.json").read_text())
+    del config["adapter_input"]
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    loaded = dt.PeftModel.from_pretrained(tiny_bert(), old)
+    assert {type(m) for m in layers_by_path(loaded).values()} == {BottleneckLayer}
+    assert torch.equal(logits(loaded), logits(plain))
+
+
+def test_auto_is_saved_resolved(tmp_path):
+    pm = dt.get_peft_model(tiny_bert(), bert_config(adapter_input="auto"))
+    pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["adapter_input"] == "normed"
+
+
+def test_auto_leaves_an_attention_module_with_query_and_key_norms_alone():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    config = Olmo2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    pm = dt.get_peft_model(Olmo2ForCausalLM(config), dt.BottleneckConfig(adapter_input="auto"))
+    paths = set(layers_by_path(pm))
+    assert paths == {f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    assert pm.peft_config["default"].adapter_input == "sublayer"
 
 
 def test_unload_gives_the_base_model_back():

@@ -178,7 +178,8 @@ def test_bottleneck_adapters_read_the_normed_sum_behind_a_fresh_head_where_the_m
     # BERT (post-norm): the adapters sit on the norms closing each sublayer.
     out = tmp_path / "bert"
     check_ok(invoke(*train_args(assets, out, "--method", "adapter", *one_step, model=assets.bert)))
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["adapter_input"] == "auto"
+    # Saved resolved, so that loading does not hang on the structural search.
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["adapter_input"] == "normed"
     keys = bottleneck_modules(out)
     assert keys and all(k.endswith("output.LayerNorm") for k in keys)
     # A flag wins: the sublayer's output projection.
@@ -192,6 +193,7 @@ def test_bottleneck_adapters_read_the_normed_sum_behind_a_fresh_head_where_the_m
     check_ok(invoke(*train_args(assets, out, "--method", "adapter", "--task", "seq-cls", *one_step)))
     keys = bottleneck_modules(out)
     assert keys and all(k.endswith(("o_proj", "down_proj")) for k in keys)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["adapter_input"] == "sublayer"
     result = invoke(
         *train_args(
             assets,

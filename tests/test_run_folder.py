@@ -674,3 +674,13 @@ def test_a_training_file_alone_reports_validation_on_a_held_out_share(assets, tm
     check_ok(invoke(*_default_val_split(given)))
     recorded = json.loads((tmp_path / "given" / "summary.json").read_text())["validation_data"]
     assert recorded == {"source": str(assets.cls_eval_csv)}  # the given file, nothing held out
+
+
+def test_resume_of_a_run_from_before_an_option_reads_what_it_did_then(tmp_path):
+    from deltatune.run_folder import check_resume, write_summary
+
+    # A seq-cls adapter run recorded before --adapter-input existed read the sublayer's output.
+    write_summary(tmp_path, {"status": "running", "options": {"method": "adapter", "reduction_factor": 4}})
+    check_resume(tmp_path, {"method": "adapter", "reduction_factor": 4, "adapter_input": "sublayer"})
+    with pytest.raises(ValueError, match=r"--adapter-input 'auto' \(the run used 'sublayer'\)"):
+        check_resume(tmp_path, {"method": "adapter", "reduction_factor": 4, "adapter_input": "auto"})

@@ -333,6 +333,10 @@ def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in options.items() if not k.startswith("_")}, default=str))
 
 
+# Trajectory options newer than some run folders, with what runs before them did.
+ADDED_LATER = {"adapter_input": "sublayer"}
+
+
 def check_resume(folder: Path, options: dict[str, Any]) -> None:
     """``--resume`` continues the run only with the options it started with; name each that differs."""
     summary = read_summary(folder) or {}
@@ -340,6 +344,7 @@ def check_resume(folder: Path, options: dict[str, Any]) -> None:
     if not isinstance(saved, dict):
         logger.warning("%s: summary.json records no options; cannot check that --resume repeats the run", folder)
         return
+    saved = {**ADDED_LATER, **saved}
     now = recorded_options(options)
     differ = [
         f"--{key.replace('_', '-')} {now.get(key)!r} (the run used {saved[key]!r})"

@@ -137,7 +137,7 @@ class BottleneckConfig(PeftConfig):
                 "adapter_input='normed' is for the houlsby and pfeiffer placements; a parallel adapter reads "
                 "the feed-forward input (use adapter_input='sublayer' or 'auto')"
             )
-        if self.adapter_input != "sublayer" and self.train_layer_norms:
+        if self.adapter_input == "normed" and self.train_layer_norms:
             raise ConfigError(
                 "train_layer_norms trains copies of the norms that adapter_input='normed' wraps; "
                 "use one of the two (adapter_input='sublayer' with train_layer_norms=True)"
@@ -246,22 +246,30 @@ def _with_closing_norm(model: nn.Module, point: InsertionPoint, strict: bool) ->
     parent_path, _, _ = point.output_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     hidden = base_layers.linear_base(engine.innermost(model.get_submodule(point.output_path))).out_features
+    linear = engine.linear_types()
+    children = [(name, engine.innermost(child)) for name, child in parent.named_children()]
     norms = [
         f"{parent_path}.{name}" if parent_path else name
-        for name, child in parent.named_children()
-        if "norm" in type(engine.innermost(child)).__name__.lower()
-        and getattr(engine.innermost(child), "weight", None) is not None
-        and engine.innermost(child).weight.shape[-1] == hidden
+        for name, child in children
+        if "norm" in type(child).__name__.lower()
+        and getattr(child, "weight", None) is not None
+        and child.weight.shape[-1] == hidden
     ]
+    # Only a module whose one linear layer is the output projection closes the sublayer with its
+    # norm (BERT's *Output); an attention module holding q/k norms beside its projections does not.
+    if sum(isinstance(child, linear) for _, child in children) != 1:
+        norms = []
     if len(norms) == 1:
         return dataclasses.replace(point, norm_path=norms[0])
     if strict:
         found = "two or more norms: " + ", ".join(norms) if norms else "no norm"
         raise engine.TargetModuleError(
-            f"adapter_input='normed' needs the norm that closes the sublayer beside {point.output_path} "
-            f"(a post-norm block, as BERT's output.dense and output.LayerNorm); {parent_path or 'the model'} "
-            f"holds {found}. Pre-norm models (Llama, GPT-2, T5) have none there: use adapter_input='sublayer' "
-            "or 'auto'"
+            f"adapter_input='normed' needs the norm that closes the sublayer: one norm beside {point.output_path} "
+            f"in a module where that projection is the only linear layer (a post-norm block, as BERT's "
+            f"output.dense and output.LayerNorm); {parent_path or 'the model'} holds {found} of that width and "
+            f"{sum(isinstance(child, linear) for _, child in children)} linear layer(s). Pre-norm models (Llama, "
+            "GPT-2, T5) have none there, and some post-norm ones keep their norms in the block (DistilBERT, "
+            "BART): use adapter_input='sublayer' or 'auto'"
         )
     return point
 
@@ -469,6 +477,14 @@ def attach_bottleneck(model: nn.Module, adapter_name: str, config: PeftConfig) -
             f"modules_to_save names {trained_in_full[0]}, the norm that adapter_input={config.adapter_input!r} "
             "puts the adapter around; a module is either trained in full or adapted: drop it from "
             "modules_to_save, or use adapter_input='sublayer'"
+        )
+    if config.adapter_input == "auto":  # saved resolved, so that a checkpoint does not hang on this search
+        normed = {p.norm_path is not None for p in points}
+        config.adapter_input = "auto" if len(normed) > 1 else "normed" if normed == {True} else "sublayer"
+    if config.train_layer_norms and config.adapter_input != "sublayer":
+        raise engine.TargetModuleError(
+            "train_layer_norms trains copies of the norms that adapter_input='auto' put adapters around in "
+            "this model; use adapter_input='sublayer' with train_layer_norms=True"
         )
     for point in points:
         input_module = model.get_submodule(point.input_path) if point.input_path else None
