@@ -232,3 +232,14 @@ def test_unload_gives_the_base_model_back():
     base = tiny_bert()
     model.classifier = base.classifier
     torch.testing.assert_close(logits(model), logits(base), atol=0, rtol=0)
+
+
+def test_a_half_precision_base_trains_float32_adapters_and_keeps_its_dtype():
+    base = tiny_bert().to(torch.bfloat16)
+    pm = dt.get_peft_model(base, bert_config(adapter_input="normed", init="random"))
+    layer = next(iter(layers_by_path(pm).values()))
+    assert layer.adapter_down["default"].weight.dtype == torch.float32
+    out = pm(**tiny_inputs("bert"), labels=torch.tensor([0, 1]))
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert layer.adapter_up["default"].weight.grad.abs().sum() > 0
