@@ -224,6 +224,11 @@ def test_auto_leaves_an_attention_module_with_query_and_key_norms_alone():
     paths = set(layers_by_path(pm))
     assert paths == {f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")}
     assert pm.peft_config["default"].adapter_input == "sublayer"
+    with pytest.raises(
+        engine.TargetModuleError,
+        match=r"self_attn holds the norms model\.layers\.0\.self_attn\.q_norm of that width and 4 linear",
+    ):
+        dt.get_peft_model(Olmo2ForCausalLM(config), dt.BottleneckConfig(adapter_input="normed"))
 
 
 def test_unload_gives_the_base_model_back():

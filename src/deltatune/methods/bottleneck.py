@@ -246,32 +246,32 @@ def _with_closing_norm(model: nn.Module, point: InsertionPoint, strict: bool) ->
     parent_path, _, _ = point.output_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     hidden = base_layers.linear_base(engine.innermost(model.get_submodule(point.output_path))).out_features
-    linear = engine.linear_types()
     children = [(name, engine.innermost(child)) for name, child in parent.named_children()]
     norms = [
         f"{parent_path}.{name}" if parent_path else name
         for name, child in children
-        if "norm" in type(child).__name__.lower()
-        and getattr(child, "weight", None) is not None
-        and child.weight.shape[-1] == hidden
+        if _is_norm(child) and getattr(child, "weight", None) is not None and child.weight.shape[-1] == hidden
     ]
     # Only a module whose one linear layer is the output projection closes the sublayer with its
     # norm (BERT's *Output); an attention module holding q/k norms beside its projections does not.
-    if sum(isinstance(child, linear) for _, child in children) != 1:
-        norms = []
-    if len(norms) == 1:
+    linears = sum(isinstance(child, engine.linear_types()) for _, child in children)
+    if len(norms) == 1 and linears == 1:
         return dataclasses.replace(point, norm_path=norms[0])
     if strict:
-        found = "two or more norms: " + ", ".join(norms) if norms else "no norm"
+        found = f"the norms {', '.join(norms)}" if norms else "no norm"
         raise engine.TargetModuleError(
             f"adapter_input='normed' needs the norm that closes the sublayer: one norm beside {point.output_path} "
             f"in a module where that projection is the only linear layer (a post-norm block, as BERT's "
             f"output.dense and output.LayerNorm); {parent_path or 'the model'} holds {found} of that width and "
-            f"{sum(isinstance(child, linear) for _, child in children)} linear layer(s). Pre-norm models (Llama, "
+            f"{linears} linear layer(s). Pre-norm models (Llama, "
             "GPT-2, T5) have none there, and some post-norm ones keep their norms in the block (DistilBERT, "
             "BART): use adapter_input='sublayer' or 'auto'"
         )
     return point
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
 
 
 def _search_failed(block: str, linears: list[str], what: str) -> str:
@@ -499,8 +499,7 @@ def attach_bottleneck(model: nn.Module, adapter_name: str, config: PeftConfig) -
         norms = [
             path
             for path, module in engine.visible_modules(model)
-            if "norm" in type(engine.innermost(module)).__name__.lower()
-            and any(path.startswith(b + ".") for b in blocks)
+            if _is_norm(engine.innermost(module)) and any(path.startswith(b + ".") for b in blocks)
         ]
         config.modules_to_save = list(dict.fromkeys(list(config.modules_to_save or []) + norms))
     return [p.norm_path or p.output_path for p in points]
